@@ -1,0 +1,600 @@
+"""AnyMAL: pretrained modality encoders whose outputs projectors turn into token embeddings of a pretrained LLM."""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, BitsAndBytesConfig, ClapAudioModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.generation import LogitsProcessorList, SuppressTokensLogitsProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import auto_docstring, can_return_tuple
+
+from .configuration_anymal import MODALITIES, AnyMALConfig, AnyMALIMUConfig
+
+
+@auto_docstring(custom_intro="Outputs of [`AnyMALModel`].")
+@dataclass
+class AnyMALModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    past_key_values (`Cache`, *optional*):
+        The language model's key/value cache.
+    modality_hidden_states (`dict[str, torch.Tensor]`, *optional*):
+        Projected tokens of each modality in the batch, `(num_items, num_tokens, hidden_size)` per modality.
+    """
+
+    modality_hidden_states: dict[str, torch.Tensor] | None = None
+
+
+@auto_docstring(custom_intro="Outputs of [`AnyMALForConditionalGeneration`].")
+@dataclass
+class AnyMALCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.Tensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
+        Next-token prediction loss.
+    logits (`torch.Tensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        Prediction scores of the language modeling head.
+    past_key_values (`Cache`, *optional*):
+        The language model's key/value cache.
+    modality_hidden_states (`dict[str, torch.Tensor]`, *optional*):
+        Projected tokens of each modality in the batch, `(num_items, num_tokens, hidden_size)` per modality.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor] | None = None
+    attentions: tuple[torch.Tensor] | None = None
+    modality_hidden_states: dict[str, torch.Tensor] | None = None
+
+
+class AnyMALIMUBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int, pool_size: int):
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, dilation=dilation, bias=False)
+        self.pool = nn.MaxPool1d(pool_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.conv(hidden_states))
+
+
+@auto_docstring(custom_intro="IMU encoder with the architecture of IMU2CLIP's `MW2StackRNNPooling`.")
+class AnyMALIMUEncoder(PreTrainedModel):
+    config: AnyMALIMUConfig
+    main_input_name = "imu_values"
+    input_modalities = ("time",)
+    _no_split_modules = ["AnyMALIMUEncoder"]
+
+    def __init__(self, config: AnyMALIMUConfig):
+        super().__init__(config)
+        channels = [config.num_channels] + [config.conv_channels] * len(config.kernel_sizes)
+        self.input_norm = nn.GroupNorm(2, config.num_channels)
+        self.blocks = nn.ModuleList(
+            AnyMALIMUBlock(channels[i], channels[i + 1], kernel_size, config.dilation, config.pool_size)
+            for i, kernel_size in enumerate(config.kernel_sizes)
+        )
+        self.output_norm = nn.GroupNorm(4, config.conv_channels)
+        self.gru = nn.GRU(config.pooled_length, config.hidden_size, batch_first=True)
+        self.post_init()
+
+    @auto_docstring
+    def forward(self, imu_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        r"""
+        imu_values (`torch.Tensor` of shape `(batch_size, num_channels, window_length)`):
+            Normalised accelerometer and gyroscope readings.
+        """
+        hidden_states = self.input_norm(imu_values)
+        for block in self.blocks:
+            hidden_states = block(hidden_states)
+        hidden_states = self.output_norm(hidden_states)  # (batch, conv_channels, pooled_length)
+        # IMU2CLIP's GRU steps over the conv channels, reading the pooled time steps as features
+        sequence, last_state = self.gru(hidden_states)
+        return BaseModelOutputWithPooling(last_hidden_state=sequence, pooler_output=last_state[0])
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, nn.GRU):  # PyTorch's own GRU initialisation
+            bound = module.hidden_size**-0.5
+            for parameter in module.parameters():
+                init.uniform_(parameter, -bound, bound)
+
+
+class AnyMALPerceiverLayer(nn.Module):
+    """Latents cross-attend to the media and to themselves (Flamingo), then go through an MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.media_norm = nn.LayerNorm(hidden_size)
+        self.latents_norm = nn.LayerNorm(hidden_size)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(hidden_size),
+            nn.Linear(hidden_size, mlp_ratio * hidden_size, bias=False),
+            nn.GELU(),
+            nn.Linear(mlp_ratio * hidden_size, hidden_size, bias=False),
+        )
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        latents_normed = self.latents_norm(latents)
+        context = torch.cat([self.media_norm(media), latents_normed], dim=1)  # (items, seq + latents, hidden)
+        query, key, value = (
+            proj(states).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+            for proj, states in ((self.q_proj, latents_normed), (self.k_proj, context), (self.v_proj, context))
+        )
+        attended = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).flatten(2)
+        latents = latents + self.o_proj(attended)
+        return latents + self.mlp(latents)
+
+
+class AnyMALPerceiverResampler(nn.Module):
+    """Turns a variable number of encoder features into `num_latents` LLM tokens (Flamingo's Perceiver Resampler).
+
+    Works in the encoder's width and projects once at the end, so the LLM's width does not scale its cost.
+    """
+
+    def __init__(self, config: AnyMALConfig, input_size: int, num_latents: int, num_frames: int | None = None):
+        super().__init__()
+        self.latents = nn.Parameter(torch.empty(num_latents, input_size))
+        # learned temporal embedding, added to every patch of a frame (video)
+        self.frame_embeddings = nn.Parameter(torch.empty(num_frames, 1, input_size)) if num_frames else None
+        self.layers = nn.ModuleList(
+            AnyMALPerceiverLayer(input_size, config.resampler_num_heads, config.resampler_head_dim)
+            for _ in range(config.resampler_depth)
+        )
+        self.norm = nn.LayerNorm(input_size)
+        self.proj = nn.Linear(input_size, config.text_config.hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.frame_embeddings is not None:  # (items, frames, patches, hidden) -> (items, frames * patches, hidden)
+            features = (features + self.frame_embeddings[: features.shape[1]]).flatten(1, 2)
+        latents = self.latents.expand(features.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(features, latents)
+        return self.proj(self.norm(latents))  # (items, num_latents, text_hidden)
+
+
+class AnyMALLinearProjector(nn.Module):
+    """Maps one pooled embedding per item to `num_tokens` LLM tokens."""
+
+    def __init__(self, config: AnyMALConfig, input_size: int, num_tokens: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.proj = nn.Linear(input_size, num_tokens * config.text_config.hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features).unflatten(-1, (self.num_tokens, -1))  # (items, num_tokens, text_hidden)
+
+
+_ENCODERS_OUTSIDE_AUTOMODEL = {"clap_audio_model": ClapAudioModel, "anymal_imu": AnyMALIMUEncoder}
+
+
+def build_encoder(config) -> PreTrainedModel:
+    """The encoder a sub-config describes; `AutoModel` builds all but CLAP's audio tower and the IMU encoder."""
+    encoder_class = _ENCODERS_OUTSIDE_AUTOMODEL.get(config.model_type)
+    return encoder_class(config) if encoder_class is not None else AutoModel.from_config(config)
+
+
+def build_projector(config: AnyMALConfig, name: str) -> nn.Module:
+    spec, input_size = MODALITIES[name], config.get_encoder_config(name).hidden_size
+    if spec.projector == "perceiver":
+        num_frames = config.num_frames if spec.has_frames else None
+        return AnyMALPerceiverResampler(config, input_size, config.num_tokens[name], num_frames)
+    return AnyMALLinearProjector(config, input_size, config.num_tokens[name])
+
+
+@auto_docstring
+class AnyMALPreTrainedModel(PreTrainedModel):
+    config: AnyMALConfig
+    base_model_prefix = "model"
+    input_modalities = ("text", *dict.fromkeys(spec.input_modality for spec in MODALITIES.values()))
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["AnyMALPerceiverLayer", "AnyMALLinearProjector"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # kept out of bitsandbytes quantization: only the language model is quantized
+    _modules_not_to_quantize = [r"(model\.)?encoders", r"(model\.)?projectors", "lm_head"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, AnyMALPerceiverResampler):
+            init.normal_(module.latents, std=1.0)
+            if module.frame_embeddings is not None:
+                init.normal_(module.frame_embeddings, std=0.02)
+
+    @classmethod
+    def from_pretrained(cls, *args, quantization_config=None, **kwargs):
+        """As [`PreTrainedModel.from_pretrained`]; a `BitsAndBytesConfig` quantizes only the language model."""
+        if isinstance(quantization_config, BitsAndBytesConfig):
+            quantization_config = copy.deepcopy(quantization_config)
+            skipped = quantization_config.llm_int8_skip_modules or []
+            quantization_config.llm_int8_skip_modules = list(dict.fromkeys(skipped + cls._modules_not_to_quantize))
+        return super().from_pretrained(*args, quantization_config=quantization_config, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for encoder in self.base_model.encoders.values():
+            if not any(parameter.requires_grad for parameter in encoder.parameters()):
+                encoder.eval()  # a frozen encoder stays frozen: no BatchNorm statistics updates, no dropout
+        return self
+
+    def set_trainable(
+        self,
+        language_model: bool = False,
+        encoders: bool | list[str] = False,
+        projectors: bool | list[str] = True,
+    ) -> dict[str, int]:
+        """Freezes or unfreezes the model by part and returns the trainable parameter count of each part.
+
+        `encoders` and `projectors` take `True`/`False` for all of them or a list of modality names. The defaults
+        are the paper's alignment stage: only the projectors train.
+        """
+        base = self.base_model
+        parts = {"language_model": ([base.language_model, getattr(self, "lm_head", None)], language_model)}
+        for kind, chosen, modules in (("encoders", encoders, base.encoders), ("projectors", projectors, base.projectors)):
+            if not isinstance(chosen, bool) and (unknown := set(chosen) - set(base.config.modalities)):
+                raise ValueError(f"set_trainable({kind}=...): no modality {sorted(unknown)} in {base.config.modalities}.")
+            for name, module in modules.items():  # a shared encoder (video's) trains if any of its modalities does
+                users = [n for n in base.config.modalities if (kind == "projectors" and n == name)
+                         or (kind == "encoders" and base.modality_encoder(n) is module)]
+                parts[f"{kind}.{name}"] = ([module], chosen if isinstance(chosen, bool) else bool(set(users) & set(chosen)))
+        for modules, trainable in parts.values():
+            for module in filter(None, modules):
+                module.requires_grad_(trainable)
+        return {
+            part: sum(p.numel() for m in filter(None, modules) for p in m.parameters() if p.requires_grad)
+            for part, (modules, _) in parts.items()
+        }
+
+
+@auto_docstring(custom_intro="AnyMAL without a language modeling head: encoders, projectors and the language model.")
+class AnyMALModel(AnyMALPreTrainedModel):
+    def __init__(self, config: AnyMALConfig):
+        super().__init__(config)
+        # a modality without its own sub-config (video) shares another's encoder, see `modality_encoder`
+        own_encoders = [name for name in config.modalities if getattr(config, f"{name}_config") is not None]
+        self.encoders = nn.ModuleDict({name: build_encoder(getattr(config, f"{name}_config")) for name in own_encoders})
+        self.projectors = nn.ModuleDict({name: build_projector(config, name) for name in config.modalities})
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def modality_encoder(self, name: str) -> nn.Module:
+        return self.encoders[name] if name in self.encoders else self.encoders[MODALITIES[name].shares_encoder_with]
+
+    def encode(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """Runs the frozen encoder of `name`; the result is what feature caching stores and `encoder_features` takes.
+
+        Perceiver modalities give the encoder's sequence, `(num_items, seq, hidden)` (video:
+        `(num_items, frames, seq, hidden)`); linear ones its pooled output, `(num_items, hidden)`.
+        """
+        self._check_modality_values(name, values)
+        spec, encoder = MODALITIES[name], self.modality_encoder(name)
+        items = values.flatten(0, 1) if spec.has_frames else values  # frames go through the encoder one by one
+        outputs = encoder(items.to(encoder.dtype), return_dict=True)
+        features = outputs.last_hidden_state if spec.projector == "perceiver" else outputs.pooler_output
+        return features.unflatten(0, values.shape[:2]) if spec.has_frames else features
+
+    def get_modality_features(
+        self, name: str, values: torch.Tensor | None = None, encoder_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Encodes and projects items of modality `name`, or only projects `encoder_features` computed earlier by
+        [`~AnyMALModel.encode`]. Returns `(num_items, num_tokens, hidden_size)`."""
+        if name not in self.config.modalities:
+            raise ValueError(
+                f"This model has no {name} modality (it takes {self.config.modalities}); drop the "
+                f"{MODALITIES[name].input_name} input or use a checkpoint whose config sets {name}_config."
+            )
+        if encoder_features is None:
+            encoder_features = self.encode(name, values)
+        projector = self.projectors[name]
+        return projector(encoder_features.to(next(projector.parameters()).dtype))
+
+    def _check_modality_values(self, name: str, values):
+        spec, encoder_config = MODALITIES[name], self.config.get_encoder_config(name)
+        if not isinstance(values, torch.Tensor):
+            raise TypeError(
+                f"{spec.input_name} must be a torch.Tensor, got {type(values).__name__}; AnyMALProcessor turns raw "
+                f"{name} inputs into one."
+            )
+        expected = [getattr(encoder_config, field) if field else None for field in spec.item_shape]
+        if values.ndim != 1 + len(expected) or any(e not in (None, got) for e, got in zip(expected, values.shape[1:])):
+            shape = ", ".join(f"{field}={e}" if e else "any" for field, e in zip(spec.item_shape, expected))
+            raise ValueError(
+                f"{spec.input_name} has shape {tuple(values.shape)} but this model's {name} encoder takes "
+                f"(num_items, {shape}); preprocess {name} inputs with this model's AnyMALProcessor."
+            )
+        if spec.has_frames and values.shape[1] > self.config.num_frames:
+            raise ValueError(
+                f"{spec.input_name} has {values.shape[1]} frames per item but the model's temporal embedding has "
+                f"num_frames={self.config.num_frames}; sample at most {self.config.num_frames} frames per clip."
+            )
+        if values.is_floating_point() and not (finite := torch.isfinite(values.flatten(1)).all(1)).all():
+            bad = (~finite).nonzero().flatten().tolist()
+            raise ValueError(
+                f"{spec.input_name} contains NaN or infinite values in {name} item(s) {bad}; fill the gaps (e.g. "
+                f"interpolate missing sensor readings) or drop those items."
+            )
+
+    def placeholder_mask(
+        self, name: str, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor
+    ) -> torch.BoolTensor:
+        """`(batch, seq)` mask of the placeholder tokens of modality `name`."""
+        token_id = getattr(self.config, f"{name}_token_id")
+        if input_ids is not None:
+            return input_ids == token_id
+        placeholder = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+        return (inputs_embeds == placeholder).all(-1)
+
+    def get_placeholder_mask(
+        self, name: str, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, features: torch.Tensor
+    ) -> torch.BoolTensor:
+        """Mask for `inputs_embeds.masked_scatter`; checks that the placeholders and the items' tokens match."""
+        mask = self.placeholder_mask(name, input_ids, inputs_embeds)
+        num_tokens, num_placeholders = self.config.num_tokens[name], int(mask.sum())
+        if num_placeholders != features.shape[0]:
+            token = MODALITIES[name].token
+            raise ValueError(
+                f"{name}: the text has {num_placeholders} {token} placeholder tokens ({num_placeholders / num_tokens:g} "
+                f"items x {num_tokens}) but {features.shape[0] // num_tokens} {name} items were given "
+                f"({features.shape[0]} tokens); put one {token} per item in the text and let AnyMALProcessor expand it."
+            )
+        per_sample = mask.sum(-1)
+        if (per_sample % num_tokens).any():
+            sample = int((per_sample % num_tokens).nonzero()[0])
+            raise ValueError(
+                f"{name}: sample {sample} has {int(per_sample[sample])} placeholder tokens, not a multiple of the "
+                f"{num_tokens} per item; was the text truncated inside a run of {MODALITIES[name].token} tokens?"
+            )
+        return mask.unsqueeze(-1).expand_as(inputs_embeds)
+
+    def embed_modalities(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        modality_values: dict[str, torch.Tensor | None],
+        encoder_features: dict[str, torch.Tensor] | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Replaces every placeholder run in `inputs_embeds` with its item's projected tokens."""
+        encoder_features, mm_encoder_outputs = encoder_features or {}, mm_encoder_outputs or {}
+        unknown = (set(encoder_features) | set(mm_encoder_outputs)) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"Unknown modalities {sorted(unknown)} in encoder_features/mm_encoder_outputs.")
+        projected = {}
+        for name, spec in MODALITIES.items():
+            sources = {
+                spec.input_name: modality_values.get(name),
+                f"encoder_features['{name}']": encoder_features.get(name),
+                f"mm_encoder_outputs['{name}']": mm_encoder_outputs.get(name),
+            }
+            given = [source for source, value in sources.items() if value is not None]
+            if len(given) > 1:
+                raise ValueError(f"{name}: pass only one of {given}.")
+            if mm_encoder_outputs.get(name) is not None:  # projected earlier (generate() does it before prefill)
+                features = mm_encoder_outputs[name].pooler_output
+                features = torch.cat([item.reshape(-1, inputs_embeds.shape[-1]) for item in features])
+            elif given:
+                features = self.get_modality_features(name, modality_values.get(name), encoder_features.get(name))
+                projected[name] = features
+                features = features.flatten(0, 1)
+            elif name in self.config.modalities and self.placeholder_mask(name, input_ids, inputs_embeds).any():
+                raise ValueError(
+                    f"The text has {spec.token} placeholder tokens but no {name} input was given; pass "
+                    f"{spec.input_name} (or remove the placeholders)."
+                )
+            else:
+                continue
+            mask = self.get_placeholder_mask(name, input_ids, inputs_embeds, features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
+        return inputs_embeds, projected
+
+    @can_return_tuple
+    @auto_docstring
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        imu_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        encoder_features: dict[str, torch.Tensor] | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> tuple | AnyMALModelOutputWithPast:
+        r"""
+        pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, num_frames, channels, height, width)`):
+            Frames of each video clip.
+        input_features (`torch.FloatTensor` of shape `(num_audios, channels, time, num_mel_bins)`):
+            Log-mel features of each audio clip, as CLAP's feature extractor gives them.
+        imu_values (`torch.FloatTensor` of shape `(num_recordings, num_channels, window_length)`):
+            Normalised IMU windows.
+        encoder_features (`dict[str, torch.Tensor]`, *optional*):
+            Per modality, outputs of the frozen encoder computed earlier with [`~AnyMALModel.encode`]; the encoder
+            is skipped and only the projector runs (feature caching for alignment training).
+        mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
+            Per modality, projected tokens in `pooler_output`; `generate` fills it before prefill.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        named_inputs = {"pixel_values": pixel_values, "pixel_values_videos": pixel_values_videos,
+                        "input_features": input_features, "imu_values": imu_values}
+        modality_values = {  # modalities added with `register_modality` arrive through **kwargs
+            name: named_inputs[spec.input_name] if spec.input_name in named_inputs else kwargs.pop(spec.input_name, None)
+            for name, spec in MODALITIES.items()
+        }
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        inputs_embeds, projected = self.embed_modalities(
+            input_ids, inputs_embeds, modality_values, encoder_features, mm_encoder_outputs
+        )
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return AnyMALModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            modality_hidden_states=projected or None,
+        )
+
+
+@auto_docstring(custom_intro="AnyMAL: any-modality inputs, text out.")
+class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: AnyMALConfig):
+        super().__init__(config)
+        self.model = AnyMALModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_modality_features(self, name: str, values=None, encoder_features=None) -> torch.Tensor:
+        return self.model.get_modality_features(name, values, encoder_features)
+
+    @can_return_tuple
+    @auto_docstring
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        imu_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        encoder_features: dict[str, torch.Tensor] | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> tuple | AnyMALCausalLMOutputWithPast:
+        r"""
+        pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, num_frames, channels, height, width)`):
+            Frames of each video clip.
+        input_features (`torch.FloatTensor` of shape `(num_audios, channels, time, num_mel_bins)`):
+            Log-mel features of each audio clip, as CLAP's feature extractor gives them.
+        imu_values (`torch.FloatTensor` of shape `(num_recordings, num_channels, window_length)`):
+            Normalised IMU windows.
+        encoder_features (`dict[str, torch.Tensor]`, *optional*):
+            Per modality, outputs of the frozen encoder computed earlier with [`~AnyMALModel.encode`]; the encoder
+            is skipped and only the projector runs (feature caching for alignment training).
+        mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
+            Per modality, projected tokens in `pooler_output`; `generate` fills it before prefill.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            input_features=input_features,
+            imu_values=imu_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            encoder_features=encoder_features,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return AnyMALCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            modality_hidden_states=outputs.modality_hidden_states,
+        )
+
+    def _get_logits_processor(self, *args, **kwargs) -> LogitsProcessorList:
+        # placeholders mark where inputs go; generating one would ask for an item that does not exist
+        processors = super()._get_logits_processor(*args, **kwargs)
+        placeholder_ids = [getattr(self.config, f"{name}_token_id") for name in self.config.modalities]
+        if placeholder_ids:
+            processors.insert(0, SuppressTokensLogitsProcessor(placeholder_ids, device=self.device))
+        return processors
+
+    def _validate_model_kwargs(self, model_kwargs: dict):
+        # inputs of modalities added with `register_modality` reach forward() through **kwargs
+        extra_inputs = {spec.input_name for spec in MODALITIES.values()}
+        super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in extra_inputs})
+
+    def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs: dict) -> dict:
+        # transformers pre-encodes only image and video; encoding every modality once before prefill keeps raw
+        # inputs out of the decoding steps and lets beam search repeat each sample's items with the sample
+        mm_encoder_outputs = model_kwargs.get("mm_encoder_outputs") or {}
+        encoder_features = model_kwargs.pop("encoder_features", None) or {}
+        for name, spec in MODALITIES.items():
+            values, cached = model_kwargs.pop(spec.input_name, None), encoder_features.get(name)
+            if values is None and cached is None:
+                continue
+            if mm_encoder_outputs.get(name) is not None:
+                raise ValueError(f"{name}: pass either {spec.input_name}/encoder_features or mm_encoder_outputs.")
+            features = self.model.get_modality_features(name, values, cached)
+            mm_encoder_outputs[name] = BaseModelOutputWithPooling(pooler_output=features)
+        model_kwargs["mm_encoder_outputs"] = mm_encoder_outputs
+        return model_kwargs
+
+    def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
+        # generate() repeats each sample `expand_size` times in place (beams, num_return_sequences), so each sample's
+        # items are repeated as a group: [A, B] -> [A, B, A, B]
+        if input_ids is not None and input_ids.numel() == 0:
+            input_ids = None
+        for name, output in mm_encoder_output.items():
+            items_per_sample = self.model.placeholder_mask(name, input_ids, inputs_embeds).sum(-1)
+            features = output.pooler_output
+            features = features if isinstance(features, torch.Tensor) else torch.stack(list(features))
+            groups = features.split((items_per_sample // self.config.num_tokens[name]).tolist())
+            output.pooler_output = torch.cat([group.repeat(expand_size, 1, 1) for group in groups])
+        return mm_encoder_output
+
+
+__all__ = [
+    "AnyMALForConditionalGeneration",
+    "AnyMALIMUEncoder",
+    "AnyMALLinearProjector",
+    "AnyMALModel",
+    "AnyMALPerceiverResampler",
+    "AnyMALPreTrainedModel",
+]

@@ -1,0 +1,62 @@
+"""Builds the tiny AnyMAL of `hub_configs/anymal-tiny` and random, correctly expanded inputs for it."""
+
+from pathlib import Path
+
+import torch
+
+from transformers_anymal import MODALITIES, AnyMALConfig, AnyMALForConditionalGeneration
+
+
+TINY = Path(__file__).resolve().parents[1] / "hub_configs" / "anymal-tiny"
+FIRST_SPECIAL_ID = 4  # ids below are <unk>, <s>, </s>, <pad>
+FREE_DIMS = {"audio": (1, 100)}  # sizes of the dims a spec leaves free: CLAP's (channels, frames)
+
+
+def tiny_config(**overrides) -> AnyMALConfig:
+    return AnyMALConfig.from_pretrained(TINY, **overrides)
+
+
+def tiny_model(config: AnyMALConfig | None = None, seed: int = 0) -> AnyMALForConditionalGeneration:
+    torch.manual_seed(seed)
+    return AnyMALForConditionalGeneration(config or tiny_config()).eval()
+
+
+def random_item(config: AnyMALConfig, name: str, generator: torch.Generator) -> torch.Tensor:
+    """One item of `name` with the shape the model's encoder takes."""
+    encoder_config = config.get_encoder_config(name)
+    spec = MODALITIES[name]
+    shape = [getattr(encoder_config, field) if field else None for field in spec.item_shape]
+    if spec.has_frames:
+        shape[0] = config.num_frames
+    free = iter(FREE_DIMS.get(name, ()))
+    return torch.randn([size or next(free) for size in shape], generator=generator)
+
+
+def make_inputs(config: AnyMALConfig, samples: list[list[str]], seed: int = 0, text_length: int = 3) -> dict:
+    """Model inputs for a batch: each sample is a list of segments, "text" or a modality name, in prompt order.
+
+    Text segments are random ordinary tokens; each modality segment is one item (a run of placeholders). Samples
+    are left-padded as for generation.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    vocab = min(spec_id for spec_id in (getattr(config, f"{n}_token_id") for n in config.modalities))
+    rows, items = [], {name: [] for name in config.modalities}
+    for segments in samples:
+        ids = []
+        for segment in segments:
+            if segment == "text":
+                ids += torch.randint(FIRST_SPECIAL_ID, vocab, (text_length,), generator=generator).tolist()
+            else:
+                ids += [getattr(config, f"{segment}_token_id")] * config.num_tokens[segment]
+                items[segment].append(random_item(config, segment, generator))
+        rows.append(ids)
+    width = max(len(ids) for ids in rows)
+    pad = config.text_config.pad_token_id
+    inputs = {
+        "input_ids": torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows]),
+    }
+    for name, tensors in items.items():
+        if tensors:
+            inputs[MODALITIES[name].input_name] = torch.stack(tensors)
+    return inputs

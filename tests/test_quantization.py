@@ -1,0 +1,62 @@
+import bitsandbytes as bnb
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForMultimodalLM, BitsAndBytesConfig
+
+from anymal_tester import make_inputs, tiny_model
+
+
+QUANTIZED = {"4bit": bnb.nn.Linear4bit, "8bit": bnb.nn.Linear8bitLt}
+CONFIGS = {
+    "4bit": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32),
+    "8bit": BitsAndBytesConfig(load_in_8bit=True),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("anymal-tiny")
+    tiny_model().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_only_the_language_model_is_quantized(checkpoint, bits):
+    model = AutoModelForMultimodalLM.from_pretrained(checkpoint, quantization_config=CONFIGS[bits])
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    quantized = {name for name, module in linears.items() if isinstance(module, QUANTIZED[bits])}
+    assert quantized, "no layer was quantized"
+    assert all(name.startswith("model.language_model.") for name in quantized)
+    kept = {name for name in linears if name.startswith(("model.encoders.", "model.projectors.", "lm_head"))}
+    assert kept and not kept & quantized
+    assert len(quantized) == sum(name.startswith("model.language_model.") for name in linears)
+
+    inputs = make_inputs(model.config, [["image", "video", "audio", "imu", "text"]])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_user_skip_list_is_extended_not_replaced(checkpoint):
+    config = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["down_proj"],
+                                bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForMultimodalLM.from_pretrained(checkpoint, quantization_config=config)
+    assert not isinstance(model.model.language_model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    assert isinstance(model.model.language_model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    assert not isinstance(model.model.projectors["image"].proj, bnb.nn.Linear4bit)
+    assert config.llm_int8_skip_modules == ["down_proj"]  # the caller's config is left as it was
+
+
+def test_4bit_model_saves_and_reloads(checkpoint, tmp_path):
+    model = AutoModelForMultimodalLM.from_pretrained(checkpoint, quantization_config=CONFIGS["4bit"])
+    inputs = make_inputs(model.config, [["image", "imu", "text"]])
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForMultimodalLM.from_pretrained(tmp_path)
+    assert isinstance(reloaded.model.language_model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert not isinstance(reloaded.model.projectors["image"].proj, bnb.nn.Linear4bit)
+    for key, tensor in model.state_dict().items():  # quantized weights and their quant state come back bit-exact
+        assert torch.equal(reloaded.state_dict()[key], tensor), key
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**inputs).logits, model(**inputs).logits, atol=1e-5)
