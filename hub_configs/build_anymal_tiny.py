@@ -1,4 +1,4 @@
-"""Writes `hub_configs/anymal-tiny/`: a tiny AnyMAL with all four modalities, for tests, examples and benchmarks.
+"""Writes `hub_configs/anymal-tiny/`: config and processor of a tiny AnyMAL with all four modalities.
 
     python hub_configs/build_anymal_tiny.py
 
@@ -10,9 +10,15 @@ import argparse
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import ClapFeatureExtractor, CLIPImageProcessor, PreTrainedTokenizerFast
 
-from transformers_anymal import MODALITIES, AnyMALConfig
+from transformers_anymal import (
+    MODALITIES,
+    AnyMALConfig,
+    AnyMALIMUFeatureExtractor,
+    AnyMALProcessor,
+    AnyMALVideoProcessor,
+)
 
 
 CORPUS = """\
@@ -75,6 +81,23 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> AnyMALConfig:
     )
 
 
+def build_processor(config: AnyMALConfig, tokenizer: PreTrainedTokenizerFast) -> AnyMALProcessor:
+    image_size = config.image_config.image_size
+    square = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    return AnyMALProcessor(
+        image_processor=CLIPImageProcessor(**square),
+        video_processor=AnyMALVideoProcessor(**square, num_frames=config.num_frames),
+        feature_extractor=ClapFeatureExtractor(truncation="rand_trunc"),  # one channel: the unfused CLAP
+        imu_feature_extractor=AnyMALIMUFeatureExtractor(
+            num_channels=config.imu_config.num_channels,
+            sampling_rate=config.imu_config.sampling_rate,
+            window_length=config.imu_config.window_length,
+        ),
+        tokenizer=tokenizer,
+        num_tokens=config.num_tokens,
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default=str(Path(__file__).parent / "anymal-tiny"))
@@ -82,7 +105,7 @@ def main():
     args = parser.parse_args()
     tokenizer = build_tokenizer(args.vocab_size)
     config = build_config(tokenizer)
-    tokenizer.save_pretrained(args.output_dir)
+    build_processor(config, tokenizer).save_pretrained(args.output_dir)
     config.save_pretrained(args.output_dir)
     print(f"Wrote {args.output_dir}: vocabulary {len(tokenizer)}, modalities {config.modalities}")
 

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from transformers_anymal import MODALITIES, AnyMALConfig, AnyMALForConditionalGeneration
@@ -60,3 +61,33 @@ def make_inputs(config: AnyMALConfig, samples: list[list[str]], seed: int = 0, t
         if tensors:
             inputs[MODALITIES[name].input_name] = torch.stack(tensors)
     return inputs
+
+
+def write_image(path, size=(40, 50), seed=0) -> str:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def write_audio(path, seconds=1.0, sampling_rate=16000, seed=0) -> str:
+    import soundfile
+
+    soundfile.write(path, 0.1 * np.random.default_rng(seed).standard_normal(int(seconds * sampling_rate)), sampling_rate)
+    return str(path)
+
+
+def write_video(path, gray_levels=tuple(range(0, 240, 12)), fps=10, size=32) -> str:
+    """An mp4 whose frame i is uniformly gray at level gray_levels[i], so sampled frames can be identified."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for level in gray_levels:
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), level, dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return str(path)

@@ -2,12 +2,16 @@
 
 from transformers import (
     AutoConfig,
+    AutoFeatureExtractor,
     AutoModel,
     AutoModelForImageTextToText,
     AutoModelForMultimodalLM,
+    AutoProcessor,
+    AutoVideoProcessor,
 )
 
 from .configuration_anymal import MODALITIES, AnyMALConfig, AnyMALIMUConfig, ModalitySpec, register_modality
+from .feature_extraction_anymal import AnyMALIMUFeatureExtractor
 from .modeling_anymal import (
     AnyMALForConditionalGeneration,
     AnyMALIMUEncoder,
@@ -16,6 +20,8 @@ from .modeling_anymal import (
     AnyMALPerceiverResampler,
     AnyMALPreTrainedModel,
 )
+from .processing_anymal import AnyMALProcessor
+from .video_processing_anymal import AnyMALVideoProcessor
 
 
 __version__ = "0.1.0"
@@ -26,6 +32,9 @@ AutoModel.register(AnyMALConfig, AnyMALModel, exist_ok=True)
 AutoModel.register(AnyMALIMUConfig, AnyMALIMUEncoder, exist_ok=True)
 AutoModelForImageTextToText.register(AnyMALConfig, AnyMALForConditionalGeneration, exist_ok=True)
 AutoModelForMultimodalLM.register(AnyMALConfig, AnyMALForConditionalGeneration, exist_ok=True)
+AutoFeatureExtractor.register(AnyMALIMUConfig, AnyMALIMUFeatureExtractor, exist_ok=True)
+AutoVideoProcessor.register(AnyMALConfig, AnyMALVideoProcessor, exist_ok=True)
+AutoProcessor.register(AnyMALConfig, AnyMALProcessor, exist_ok=True)
 
 __all__ = [
     "MODALITIES",
@@ -33,10 +42,13 @@ __all__ = [
     "AnyMALForConditionalGeneration",
     "AnyMALIMUConfig",
     "AnyMALIMUEncoder",
+    "AnyMALIMUFeatureExtractor",
     "AnyMALLinearProjector",
     "AnyMALModel",
     "AnyMALPerceiverResampler",
     "AnyMALPreTrainedModel",
+    "AnyMALProcessor",
+    "AnyMALVideoProcessor",
     "ModalitySpec",
     "register_modality",
 ]

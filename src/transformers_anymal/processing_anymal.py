@@ -1,0 +1,322 @@
+"""AnyMALProcessor: text with placeholders plus images, videos, audio and IMU recordings in; model inputs out."""
+
+import os
+import re
+
+import numpy as np
+from transformers import BatchFeature, ProcessorMixin
+from transformers.image_utils import load_image
+
+from .configuration_anymal import MODALITIES
+from .feature_extraction_anymal import AnyMALIMUFeatureExtractor
+from .video_processing_anymal import AnyMALVideoProcessor
+
+
+# the processor argument carrying each modality's items
+ARGUMENTS = {"image": "images", "video": "videos", "audio": "audio", "imu": "imu"}
+# content-block keys that hold an item in chat messages, by modality
+BLOCK_KEYS = {
+    "image": ("image", "url", "path", "base64"),
+    "video": ("video", "url", "path"),
+    "audio": ("audio", "url", "path"),
+    "imu": ("imu", "path"),
+}
+# how many array dimensions one item has
+ITEM_NDIM = {"image": (2, 3), "video": (4,), "audio": (1,), "imu": (2,)}
+
+CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for block in content -%}"
+    "{%- if block['type'] == 'text' -%}{{ block['text'] }}"
+    "{%- elif block['type'] in ['image', 'video', 'audio', 'imu'] -%}{{ '<' ~ block['type'] ~ '>\n' }}"
+    "{%- else -%}{{ raise_exception('Unknown content type ' ~ block['type'] ~ \"; use text, image, video, audio or imu\") }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system_message = render(messages[0]['content']) -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set system_message = none -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ bos_token ~ '[INST] ' }}"
+    "{%- if loop.first and system_message is not none -%}{{ '<<SYS>>\n' ~ system_message ~ '\n<</SYS>>\n\n' }}{%- endif -%}"
+    "{{ render(message['content']) | trim ~ ' [/INST]' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ ' ' }}{%- generation -%}{{ render(message['content']) | trim ~ ' ' ~ eos_token }}{%- endgeneration -%}"
+    "{%- else -%}{{ raise_exception('Unknown role ' ~ message['role'] ~ '; use system, user or assistant') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def _is_item(name: str, value) -> bool:
+    if isinstance(value, (str, os.PathLike)):
+        return True
+    if isinstance(value, dict):
+        return name in ("audio", "imu")  # {"array"|"path", "sampling_rate"}, as datasets' Audio column gives
+    if hasattr(value, "ndim"):  # numpy arrays and torch tensors
+        return value.ndim in ITEM_NDIM[name]
+    return name == "image" and hasattr(value, "convert")  # PIL images
+
+
+def _as_array(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+
+class AnyMALProcessor(ProcessorMixin):
+    r"""
+    Prepares inputs for [`AnyMALForConditionalGeneration`]: each placeholder (`<image>`, `<video>`, `<audio>`,
+    `<imu>`) in the text marks one item and becomes the run of `num_tokens[modality]` tokens that the model fills with
+    the item's projected features.
+
+    Items may be given flat (in the order their placeholders appear across the batch) or as one list per sample, in
+    which case every sample is checked on its own. Items given for a text without their placeholders raise a
+    `ValueError`: write the placeholder where the item belongs, or use [`~AnyMALProcessor.apply_chat_template`].
+
+    Args:
+        image_processor ([`CLIPImageProcessor`]): preprocesses images.
+        video_processor ([`AnyMALVideoProcessor`]): samples and preprocesses video frames.
+        feature_extractor ([`ClapFeatureExtractor`]): turns audio into CLAP's log-mel features.
+        imu_feature_extractor ([`AnyMALIMUFeatureExtractor`]): resamples, normalises and windows IMU recordings.
+        tokenizer ([`PreTrainedTokenizerFast`]): must hold the four placeholders as added tokens.
+        chat_template (`str`, *optional*): Jinja template; Llama-2-chat style by default.
+        num_tokens (`dict[str, int]`, *optional*): placeholder tokens per item, as `AnyMALConfig.num_tokens`.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        video_processor=None,
+        feature_extractor=None,
+        imu_feature_extractor=None,
+        tokenizer=None,
+        chat_template=None,
+        num_tokens: dict[str, int] | None = None,
+        **kwargs,
+    ):
+        self.num_tokens = {name: spec.num_tokens for name, spec in MODALITIES.items() if name in ARGUMENTS}
+        self.num_tokens.update(num_tokens or {})
+        for name in ARGUMENTS:
+            token = MODALITIES[name].token
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                raise ValueError(
+                    f"The tokenizer has no {token} token; add it with "
+                    f"tokenizer.add_special_tokens({{'additional_special_tokens': [{token!r}]}}) and resize the "
+                    f"model's embeddings."
+                )
+            setattr(self, f"{name}_token", token)  # transformers' pipelines read image_token, audio_token, ...
+            setattr(self, f"{name}_token_id", token_id)
+        super().__init__(
+            image_processor, video_processor, feature_extractor, imu_feature_extractor, tokenizer,
+            chat_template=chat_template if chat_template is not None else CHAT_TEMPLATE,
+        )
+
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        images=None,
+        videos=None,
+        audio=None,
+        imu=None,
+        sampling_rate: int | None = None,
+        imu_sampling_rate: int | None = None,
+        return_tensors="pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Args:
+            text: one string or a batch of strings holding one placeholder per item.
+            images: PIL images, arrays, paths or URLs.
+            videos: video file paths or URLs, or frame arrays `(frames, height, width, channels)`.
+            audio: waveforms (with `sampling_rate`), `{"array", "sampling_rate"}` dicts, or audio file paths.
+            imu: `(channels, time)` or `(time, channels)` arrays (with `imu_sampling_rate`), dicts
+                `{"array"|"path", "sampling_rate"}`, or `.npy`/`.csv` paths.
+            sampling_rate: rate of the audio arrays, in Hz; they are resampled to the feature extractor's.
+            imu_sampling_rate: rate of the IMU arrays, in Hz.
+            kwargs: tokenizer options (`padding`, `padding_side`, `add_special_tokens`, ...) and video options
+                (`num_frames`, `fps`).
+        """
+        if text is None:
+            raise ValueError("AnyMALProcessor needs `text`, with one placeholder such as <image> per item.")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(sample, str) for sample in texts):
+            raise TypeError("`text` must be a string or a list of strings.")
+        given = {"image": images, "video": videos, "audio": audio, "imu": imu}
+        options = {"audio": {"sampling_rate": sampling_rate}, "imu": {"sampling_rate": imu_sampling_rate},
+                   "video": {key: kwargs.pop(key) for key in ("num_frames", "fps", "do_sample_frames") if key in kwargs}}
+        kwargs.pop("return_text_replacement_offsets", None)
+        return_offsets = kwargs.get("return_offsets_mapping", False)
+
+        data = {}
+        for name, items in given.items():
+            items = self._match_items(name, items, [sample.count(MODALITIES[name].token) for sample in texts])
+            if items:
+                data[MODALITIES[name].input_name] = self._process(name, items, **options.get(name, {}))
+        texts, offsets = self._expand_placeholders(texts)
+        kwargs.setdefault("padding", True)
+        text_inputs = self.tokenizer(texts, return_tensors=return_tensors, **kwargs)
+        output = BatchFeature({**text_inputs, **data}, tensor_type=return_tensors)
+        if return_offsets:  # apply_chat_template realigns the assistant mask with them
+            output["text_replacement_offsets"] = offsets
+        return output
+
+    def _match_items(self, name: str, items, counts: list[int]) -> list:
+        """Flattens `items` in placeholder order after checking them against the placeholders of every sample."""
+        argument, token = ARGUMENTS[name], MODALITIES[name].token
+        if items is None or (isinstance(items, (list, tuple)) and not any(
+                item is not None and (not isinstance(item, (list, tuple)) or item) for item in items)):
+            if any(counts):
+                sample = next(i for i, count in enumerate(counts) if count)
+                raise ValueError(f"sample {sample} has {counts[sample]} {token} placeholder(s) but no {argument} were given.")
+            return []
+        if _is_item(name, items):
+            items = [items]
+        per_sample = all(isinstance(item, (list, tuple)) and not _is_item(name, item) for item in items)
+        if per_sample:  # one list per sample
+            if len(items) != len(counts):
+                raise ValueError(f"{argument} has {len(items)} per-sample lists but there are {len(counts)} texts.")
+            for sample, (sample_items, count) in enumerate(zip(items, counts)):
+                if len(sample_items) != count:
+                    raise ValueError(
+                        f"sample {sample} has {count} {token} placeholder(s) but {len(sample_items)} {argument} were "
+                        f"given for it; write one {token} where each item belongs."
+                    )
+            items = [item for sample_items in items for item in sample_items]
+        elif len(items) != sum(counts):
+            where = f"sample {counts.index(max(counts))}" if len(counts) == 1 else f"the texts ({counts} per sample)"
+            hint = (f"write one {token} where each item belongs" if not any(counts)
+                    else f"give {argument} as one list per sample to have each sample checked")
+            raise ValueError(f"{where} hold {sum(counts)} {token} placeholder(s) but {len(items)} {argument} were given; {hint}.")
+        for index, item in enumerate(items):
+            if not _is_item(name, item):
+                raise TypeError(
+                    f"{name} {index}: {type(item).__name__} is not a {name} input; see AnyMALProcessor.__call__."
+                )
+        return list(items)
+
+    def _process(self, name: str, items: list, **options):
+        if name == "image":
+            images = [self._load(name, index, load_image, os.fspath(item)) if isinstance(item, (str, os.PathLike))
+                      else item for index, item in enumerate(items)]
+            return self.image_processor(images, return_tensors="pt")["pixel_values"]
+        if name == "video":
+            for index, item in enumerate(items):
+                if hasattr(item, "ndim") and len(item) == 0:
+                    raise ValueError(f"video {index}: the clip has no frames.")
+            videos = [_as_array(item) if hasattr(item, "ndim") else os.fspath(item) for item in items]
+            try:
+                return self.video_processor(videos, return_tensors="pt", **options)["pixel_values_videos"]
+            except Exception as error:
+                raise ValueError(f"video: cannot decode {videos if len(videos) > 1 else videos[0]!r}: {error}") from error
+        if name == "audio":
+            waveforms = [self._load(name, index, self._waveform, item, options["sampling_rate"])
+                         for index, item in enumerate(items)]
+            features = self.feature_extractor(waveforms, sampling_rate=self.feature_extractor.sampling_rate,
+                                              return_tensors="pt")
+            return features["input_features"]
+        return self.imu_feature_extractor(items, sampling_rate=options["sampling_rate"], return_tensors="pt")["imu_values"]
+
+    @staticmethod
+    def _load(name: str, index: int, loader, *args):
+        try:
+            return loader(*args)
+        except Exception as error:
+            source = args[0] if isinstance(args[0], (str, os.PathLike)) else type(args[0]).__name__
+            raise ValueError(f"{name} {index}: cannot read {source!r}: {error}") from error
+
+    def _waveform(self, item, sampling_rate: int | None) -> np.ndarray:
+        """Mono float32 waveform at the feature extractor's rate, from a path, a dict or an array."""
+        import soundfile
+        import soxr
+
+        if isinstance(item, dict):
+            sampling_rate = item.get("sampling_rate", sampling_rate)
+            item = item["array"] if "array" in item else item["path"]
+        if isinstance(item, (str, os.PathLike)):
+            item, sampling_rate = soundfile.read(os.fspath(item), dtype="float32", always_2d=True)
+            item = item.mean(1)  # to mono
+        waveform = _as_array(item).astype(np.float32)
+        if sampling_rate is None:
+            raise ValueError(f"no sampling rate: pass sampling_rate=<Hz> (the feature extractor takes "
+                             f"{self.feature_extractor.sampling_rate} Hz and resamples from it)")
+        if waveform.ndim != 1 or waveform.size == 0:
+            raise ValueError(f"expected a non-empty mono waveform, got shape {waveform.shape}")
+        if not np.isfinite(waveform).all():
+            raise ValueError("the waveform holds NaN or infinite samples")
+        if sampling_rate != self.feature_extractor.sampling_rate:
+            waveform = soxr.resample(waveform, sampling_rate, self.feature_extractor.sampling_rate).astype(np.float32)
+        return waveform
+
+    def _expand_placeholders(self, texts: list[str]) -> tuple[list[str], list[list[dict]]]:
+        """Replaces each placeholder with its run of tokens; the offsets say where each run went."""
+        tokens = {MODALITIES[name].token: name for name in ARGUMENTS}
+        pattern = re.compile("|".join(re.escape(token) for token in tokens))
+        expanded, offsets = [], []
+        for text in texts:
+            pieces, sample_offsets, last, shift = [], [], 0, 0
+            for match in pattern.finditer(text):
+                replacement = match.group() * self.num_tokens[tokens[match.group()]]
+                pieces += [text[last : match.start()], replacement]
+                new_start = match.start() + shift
+                sample_offsets.append({"type": tokens[match.group()], "span": match.span(),
+                                       "new_span": (new_start, new_start + len(replacement)),
+                                       "text": match.group(), "replacement": replacement})
+                shift += len(replacement) - len(match.group())
+                last = match.end()
+            expanded.append("".join(pieces) + text[last:])
+            offsets.append(sample_offsets)
+        return expanded, offsets
+
+    def _multimodal_inputs_from_conversations(self, conversations, audio_loading_params, load_audio_from_video=False):
+        """Collects every modality's items from chat content blocks, one list per conversation."""
+        collected = {name: [] for name in ARGUMENTS}
+        for conversation_index, conversation in enumerate(conversations):
+            found = {name: [] for name in ARGUMENTS}
+            for message_index, message in enumerate(conversation):
+                content = message.get("content")
+                if content is None or isinstance(content, str):
+                    continue
+                for block_index, block in enumerate(content):
+                    where = f"conversation {conversation_index}, message {message_index}, block {block_index}"
+                    block_type = block.get("type") if isinstance(block, dict) else None
+                    if block_type == "text":
+                        continue
+                    if block_type not in ARGUMENTS:
+                        raise ValueError(
+                            f"{where}: unknown content type {block_type!r}; use one of text, {', '.join(ARGUMENTS)}."
+                        )
+                    values = [block[key] for key in BLOCK_KEYS[block_type] if key in block]
+                    if len(values) != 1:
+                        raise ValueError(f"{where}: a {block_type} block needs exactly one of {BLOCK_KEYS[block_type]}.")
+                    item = values[0]
+                    if block_type in ("audio", "imu") and not isinstance(item, (str, os.PathLike, dict)):
+                        if "sampling_rate" not in block:
+                            raise ValueError(f"{where}: a {block_type} array needs 'sampling_rate' in its block.")
+                        item = {"array": item, "sampling_rate": block["sampling_rate"]}
+                    elif block_type == "imu" and "sampling_rate" in block:
+                        item = {"path": item, "sampling_rate": block["sampling_rate"]}
+                    found[block_type].append(item)
+            for name in ARGUMENTS:
+                collected[name].append(found[name])
+        # audio comes back as waveforms at the feature extractor's rate, the rate apply_chat_template then passes on
+        audio = [[self._load("audio", index, self._waveform, item, None) for index, item in enumerate(sample)]
+                 for sample in collected["audio"]]
+        imu = collected["imu"] if any(collected["imu"]) else None
+        return collected["image"], collected["video"], audio if any(audio) else [], {"imu": imu}
+
+    @staticmethod
+    def get_possibly_dynamic_module(module_name):
+        # the sub-processors defined here resolve without Auto-class registration (and trust_remote_code works)
+        local = {cls.__name__: cls for cls in (AnyMALIMUFeatureExtractor, AnyMALVideoProcessor)}
+        return local.get(module_name) or ProcessorMixin.get_possibly_dynamic_module(module_name)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", *(MODALITIES[name].input_name for name in ARGUMENTS)]
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+__all__ = ["AnyMALProcessor"]

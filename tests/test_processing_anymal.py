@@ -1,0 +1,272 @@
+import logging
+
+import numpy as np
+import pytest
+import soxr
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+from transformers_anymal import AnyMALIMUFeatureExtractor, AnyMALProcessor
+
+from anymal_tester import TINY, tiny_model, write_audio, write_image, write_video
+
+
+@pytest.fixture(scope="module")
+def processor() -> AnyMALProcessor:
+    return AutoProcessor.from_pretrained(TINY)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("media")
+    return {"image": write_image(folder / "digit.png"), "audio": write_audio(folder / "voice.wav"),
+            "video": write_video(folder / "clip.mp4"), "folder": folder}
+
+
+def imu_recording(seconds=3, rate=100, seed=0):
+    return np.random.default_rng(seed).standard_normal((6, seconds * rate))
+
+
+def chat(*blocks, text="What is going on?", system=None):
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": [*blocks, {"type": "text", "text": text}]}]
+
+
+def test_auto_processor_loads_every_sub_processor(processor):
+    assert type(processor).__name__ == "AnyMALProcessor"
+    assert type(processor.image_processor).__name__.startswith("CLIPImageProcessor")
+    assert type(processor.video_processor).__name__ == "AnyMALVideoProcessor"
+    assert type(processor.feature_extractor).__name__ == "ClapFeatureExtractor"
+    assert isinstance(processor.imu_feature_extractor, AnyMALIMUFeatureExtractor)
+    assert processor.num_tokens == {"image": 8, "video": 8, "audio": 4, "imu": 4}
+
+
+def test_save_and_load_round_trips_every_sub_processor(processor, tmp_path):
+    processor.imu_feature_extractor.mean = [0.5] * 6  # a non-default value must survive
+    try:
+        processor.save_pretrained(tmp_path)
+        reloaded = AutoProcessor.from_pretrained(tmp_path)
+    finally:
+        processor.imu_feature_extractor.mean = None
+    assert reloaded.imu_feature_extractor.mean == [0.5] * 6
+    assert reloaded.chat_template == processor.chat_template
+    assert reloaded.video_processor.num_frames == processor.video_processor.num_frames
+    assert reloaded.feature_extractor.truncation == processor.feature_extractor.truncation
+    assert reloaded.image_processor.crop_size == processor.image_processor.crop_size
+    assert reloaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+
+
+def test_chat_with_all_four_modalities_generates(processor, model, media):
+    messages = chat({"type": "image", "path": media["image"]}, {"type": "video", "path": media["video"]},
+                    {"type": "audio", "path": media["audio"]},
+                    {"type": "imu", "imu": imu_recording(), "sampling_rate": 100}, system="Answer briefly.")
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 32, 32)
+    assert inputs["pixel_values_videos"].shape == (1, 4, 3, 32, 32)
+    assert inputs["input_features"].shape[:2] == (1, 1)
+    assert inputs["imu_values"].shape == (1, 6, 1000)
+    ids = inputs["input_ids"][0]
+    for name, count in processor.num_tokens.items():
+        assert int((ids == getattr(processor, f"{name}_token_id")).sum()) == count
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == ids.shape[0] + 4
+
+
+def test_chat_template_is_llama_2_chat(processor):
+    messages = chat({"type": "image", "url": "unused.png"}, text="Hi", system="Be brief.")
+    messages += [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again?"}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<image>\nHi [/INST] Hello. </s><s>[INST] Again? [/INST]"
+
+
+def test_assistant_mask_covers_only_the_answers(processor, media):
+    messages = chat({"type": "image", "path": media["image"]}, text="Digit?")
+    messages += [{"role": "assistant", "content": "Seven."}, {"role": "user", "content": "Sure?"},
+                 {"role": "assistant", "content": "Yes."}]
+    inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                           return_assistant_tokens_mask=True, return_tensors="pt")
+    ids, mask = inputs["input_ids"][0], inputs["assistant_masks"][0].bool()
+    assert processor.tokenizer.decode(ids[mask]).split() == ["Seven.", "</s>", "Yes.", "</s>"]
+    assert not mask[ids == processor.image_token_id].any()
+
+
+def test_batch_with_different_modality_sets_matches_one_by_one(processor, model, media):
+    chats = [
+        chat({"type": "imu", "imu": imu_recording(), "sampling_rate": 100}, {"type": "image", "path": media["image"]}),
+        chat(text="Just text, please."),
+        chat({"type": "audio", "path": media["audio"]}, {"type": "audio", "path": media["audio"]}),
+    ]
+    batch = processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "input_features", "imu_values"}
+    assert (batch["attention_mask"][:, 0] == 0).any(), "decoder-only batches are left-padded"
+    batched = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, -5:]
+    for index, messages in enumerate(chats):
+        alone = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert torch.equal(model.generate(**alone, max_new_tokens=5, do_sample=False)[0, -5:], batched[index])
+
+
+def test_only_the_modalities_present_are_returned(processor):
+    inputs = processor(text=["plain text", "more plain text"])
+    assert set(inputs) == {"input_ids", "attention_mask"}
+
+
+def test_padding_side_is_configurable(processor):
+    left = processor(text=["a", "a longer text"])
+    right = processor(text=["a", "a longer text"], padding_side="right")
+    assert left["attention_mask"][0, 0] == 0 and right["attention_mask"][0, -1] == 0
+
+
+def test_each_placeholder_becomes_a_run_of_tokens_in_order(processor, media):
+    inputs = processor(text="<imu> then <image> then <imu>", images=media["image"],
+                       imu=[imu_recording(seed=1), imu_recording(seed=2)], imu_sampling_rate=100)
+    ids = inputs["input_ids"][0].tolist()
+    runs = [(token, len(list(group))) for token, group in __import__("itertools").groupby(ids)
+            if token >= processor.image_token_id]
+    assert runs == [(processor.imu_token_id, 4), (processor.image_token_id, 8), (processor.imu_token_id, 4)]
+    assert inputs["imu_values"].shape[0] == 2
+
+
+def test_items_given_per_sample_are_checked_per_sample(processor, media):
+    texts = ["<image> one", "two, no image"]
+    processor(text=texts, images=[[media["image"]], []])  # fine
+    with pytest.raises(ValueError, match=r"sample 1 has 0 <image> placeholder\(s\) but 1 images were given"):
+        processor(text=texts, images=[[media["image"]], [media["image"]]])
+    with pytest.raises(ValueError, match=r"the texts \(\[1, 0\] per sample\) hold 1 <image> placeholder\(s\) but 2"):
+        processor(text=texts, images=[media["image"], media["image"]])
+    with pytest.raises(ValueError, match=r"sample 0 has 1 <image> placeholder\(s\) but no images were given"):
+        processor(text=texts)
+
+
+def test_items_without_placeholders_are_rejected(processor, media):
+    with pytest.raises(ValueError, match="hold 0 <image> placeholder.* write one <image> where each item belongs"):
+        processor(text="Describe this.", images=media["image"])
+
+
+def test_audio_is_resampled_to_the_feature_extractors_rate(processor):
+    rate = processor.feature_extractor.sampling_rate
+    waveform = np.sin(np.linspace(0, 800 * np.pi, 16000)).astype(np.float32)  # 1 s at 16 kHz
+    at_16k = processor(text="<audio>", audio=waveform, sampling_rate=16000)["input_features"]
+    resampled = soxr.resample(waveform, 16000, rate).astype(np.float32)
+    at_48k = processor(text="<audio>", audio=resampled, sampling_rate=rate)["input_features"]
+    assert torch.allclose(at_16k, at_48k)
+    taken_as_48k = processor(text="<audio>", audio=waveform, sampling_rate=rate)["input_features"]
+    assert not torch.allclose(at_16k, taken_as_48k)
+    with pytest.raises(ValueError, match="audio 0: .*no sampling rate"):
+        processor(text="<audio>", audio=waveform)
+
+
+def test_video_frames_are_sampled_uniformly_over_the_clip(processor, media):
+    levels = list(range(0, 240, 12))  # frame i is gray level 12 * i; 20 frames at 10 fps
+    frames = processor.video_processor(media["video"], do_normalize=False, do_rescale=False,
+                                       return_tensors="pt")["pixel_values_videos"][0]
+    expected = [levels[i] for i in (2, 7, 12, 17)]  # the middle of each quarter of the clip
+    assert np.allclose(frames.float().mean((1, 2, 3)).numpy(), expected, atol=6)
+
+
+def test_video_arrays_are_sampled_to_num_frames(processor):
+    clip = np.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)  # shorter than num_frames
+    assert processor(text="<video>", videos=clip)["pixel_values_videos"].shape == (1, 4, 3, 32, 32)
+
+
+# IMU feature extractor
+
+
+def test_imu_layout_resampling_and_window(processor):
+    extractor = processor.imu_feature_extractor
+    recording = imu_recording(seconds=3, rate=100)
+    channels_first = extractor(recording, sampling_rate=100, return_attention_mask=True)
+    time_first = extractor(recording.T, sampling_rate=100, return_attention_mask=True)
+    assert np.array_equal(channels_first["imu_values"], time_first["imu_values"])
+    assert channels_first["imu_values"].shape == (1, 6, 1000)
+    assert channels_first["imu_mask"][0].sum() == 600  # 3 s at 200 Hz, the rest zero-padded
+    window = channels_first["imu_values"][0, :, :600]
+    assert np.allclose(window.mean(1), 0, atol=1e-5) and np.allclose(window.std(1), 1, atol=1e-3)
+
+
+def test_imu_files(processor, tmp_path):
+    recording = imu_recording()
+    np.save(tmp_path / "walk.npy", recording)
+    np.savetxt(tmp_path / "walk.csv", recording.T, delimiter=",", header="ax,ay,az,gx,gy,gz", comments="")
+    from_npy = processor(text="<imu>", imu=str(tmp_path / "walk.npy"), imu_sampling_rate=100)["imu_values"]
+    from_csv = processor(text="<imu>", imu=str(tmp_path / "walk.csv"), imu_sampling_rate=100)["imu_values"]
+    assert torch.allclose(from_npy, from_csv, atol=1e-5)
+
+
+def test_long_imu_recordings_are_cropped_with_a_warning(processor, caplog):
+    with caplog.at_level(logging.WARNING):
+        values = processor.imu_feature_extractor(imu_recording(seconds=8, rate=200), sampling_rate=200)["imu_values"]
+    assert values.shape == (1, 6, 1000) and "longer than the 5 s window" in caplog.text
+
+
+# Bad input: a ValueError/TypeError naming the item, its modality and the fix
+
+
+@pytest.mark.parametrize(
+    "recording, rate, message",
+    [
+        (np.random.randn(3, 400), 100, r"imu 0: shape \(3, 400\) has no dimension of 6 channels"),
+        (np.where(np.arange(600).reshape(6, 100) == 250, np.nan, 1.0), 100, "imu 0: 1 time steps hold NaN"),
+        (np.random.randn(6, 50), 100, "imu 0: 50 samples at 100 Hz last 0.5 s, shorter than the 1 s minimum"),
+        (np.random.randn(6, 400), None, "imu 0: no sampling rate"),
+    ],
+)
+def test_bad_imu_recordings(processor, recording, rate, message):
+    with pytest.raises(ValueError, match=message):
+        processor(text="<imu>", imu=recording, imu_sampling_rate=rate)
+
+
+def test_corrupt_and_empty_media_name_the_item(processor, media):
+    folder = media["folder"]
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "broken.wav").write_bytes(b"RIFF....WAVEnot audio")
+    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 garbage")
+    with pytest.raises(ValueError, match="image 1: cannot read .*broken.png"):
+        processor(text="<image><image>", images=[media["image"], str(folder / "broken.png")])
+    with pytest.raises(ValueError, match="audio 0: cannot read .*broken.wav"):
+        processor(text="<audio>", audio=str(folder / "broken.wav"))
+    with pytest.raises(ValueError, match="audio 0: .*non-empty mono waveform"):
+        processor(text="<audio>", audio=np.zeros(0, dtype=np.float32), sampling_rate=16000)
+    with pytest.raises(ValueError, match="video: cannot decode .*broken.mp4"):
+        processor(text="<video>", videos=str(folder / "broken.mp4"))
+    with pytest.raises(ValueError, match="video 0: the clip has no frames"):
+        processor(text="<video>", videos=np.zeros((0, 32, 32, 3), dtype=np.uint8))
+    with pytest.raises(TypeError, match="image 0: int is not a image input"):
+        processor(text="<image>", images=[3])
+
+
+def test_bad_chat_blocks(processor):
+    with pytest.raises(ValueError, match=r"message 0, block 0: unknown content type 'smell'"):
+        processor.apply_chat_template(chat({"type": "smell", "smell": "roses"}), tokenize=True)
+    with pytest.raises(ValueError, match=r"block 0: a audio array needs 'sampling_rate'"):
+        processor.apply_chat_template(chat({"type": "audio", "audio": np.zeros(100)}), tokenize=True)
+
+
+def test_tokenizer_without_a_placeholder_is_rejected(processor):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    state = processor.tokenizer.backend_tokenizer.to_str().replace("<imu>", "<other>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(state), unk_token="<unk>")
+    with pytest.raises(ValueError, match=r"The tokenizer has no <imu> token; add it with"):
+        AnyMALProcessor(processor.image_processor, processor.video_processor, processor.feature_extractor,
+                        processor.imu_feature_extractor, tokenizer)
+
+
+def test_decoding_hooks(processor):
+    ids = processor(text=["the person is running"])["input_ids"]
+    assert processor.batch_decode(ids, skip_special_tokens=True) == ["the person is running"]
+    assert processor.post_process_image_text_to_text(ids) == ["the person is running"]
+
+
+def test_pil_images_and_arrays(processor):
+    image = Image.new("RGB", (20, 30), color=(255, 0, 0))
+    from_pil = processor(text="<image>", images=image)["pixel_values"]
+    from_array = processor(text="<image>", images=np.array(image))["pixel_values"]
+    assert torch.allclose(from_pil, from_array)
