@@ -230,6 +230,18 @@ def test_other_decoder_families_work_as_the_language_model():
         assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
 
 
+def test_lm_head_ties_to_the_embeddings_when_the_text_config_asks(tmp_path):
+    config = tiny_config()
+    config = AnyMALConfig(**{**config.to_dict(), "text_config": {**config.text_config.to_dict(), "tie_word_embeddings": True}})
+    model = AnyMALForConditionalGeneration(config)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    model.save_pretrained(tmp_path)
+    reloaded = AnyMALForConditionalGeneration.from_pretrained(tmp_path)
+    assert reloaded.lm_head.weight is reloaded.get_input_embeddings().weight
+    untied = tiny_model()
+    assert untied.lm_head.weight is not untied.get_input_embeddings().weight
+
+
 # Bad input: a clear error naming the input, never a shape error from inside torch
 
 

@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 from transformers import BatchFeature, ProcessorMixin
+from transformers.audio_utils import load_audio
 from transformers.image_utils import load_image
 
 from .configuration_anymal import MODALITIES
@@ -226,26 +227,25 @@ class AnyMALProcessor(ProcessorMixin):
             raise ValueError(f"{name} {index}: cannot read {source!r}: {error}") from error
 
     def _waveform(self, item, sampling_rate: int | None) -> np.ndarray:
-        """Mono float32 waveform at the feature extractor's rate, from a path, a dict or an array."""
-        import soundfile
-        import soxr
-
+        """Mono float32 waveform at the feature extractor's rate, from a path or URL, a dict or an array."""
+        target_rate = self.feature_extractor.sampling_rate
         if isinstance(item, dict):
             sampling_rate = item.get("sampling_rate", sampling_rate)
             item = item["array"] if "array" in item else item["path"]
-        if isinstance(item, (str, os.PathLike)):
-            item, sampling_rate = soundfile.read(os.fspath(item), dtype="float32", always_2d=True)
-            item = item.mean(1)  # to mono
+        if isinstance(item, (str, os.PathLike)):  # decoded, downmixed and resampled by transformers
+            item, sampling_rate = load_audio(os.fspath(item), sampling_rate=target_rate), target_rate
         waveform = _as_array(item).astype(np.float32)
         if sampling_rate is None:
-            raise ValueError(f"no sampling rate: pass sampling_rate=<Hz> (the feature extractor takes "
-                             f"{self.feature_extractor.sampling_rate} Hz and resamples from it)")
+            raise ValueError(f"no sampling rate: pass sampling_rate=<Hz> (the feature extractor takes {target_rate} Hz "
+                             f"and resamples from it)")
         if waveform.ndim != 1 or waveform.size == 0:
             raise ValueError(f"expected a non-empty mono waveform, got shape {waveform.shape}")
         if not np.isfinite(waveform).all():
             raise ValueError("the waveform holds NaN or infinite samples")
-        if sampling_rate != self.feature_extractor.sampling_rate:
-            waveform = soxr.resample(waveform, sampling_rate, self.feature_extractor.sampling_rate).astype(np.float32)
+        if sampling_rate != target_rate:
+            import soxr
+
+            waveform = soxr.resample(waveform, sampling_rate, target_rate).astype(np.float32)
         return waveform
 
     def _expand_placeholders(self, texts: list[str]) -> tuple[list[str], list[list[dict]]]:
