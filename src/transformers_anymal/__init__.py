@@ -20,6 +20,7 @@ from .modeling_anymal import (
     AnyMALPerceiverResampler,
     AnyMALPreTrainedModel,
 )
+from .pipeline_anymal import AnyToTextPipeline
 from .processing_anymal import AnyMALProcessor
 from .video_processing_anymal import AnyMALVideoProcessor
 
@@ -49,6 +50,7 @@ __all__ = [
     "AnyMALPreTrainedModel",
     "AnyMALProcessor",
     "AnyMALVideoProcessor",
+    "AnyToTextPipeline",
     "ModalitySpec",
     "register_modality",
 ]
