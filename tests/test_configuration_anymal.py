@@ -59,6 +59,7 @@ def test_strict_types_are_enforced():
         ({"imu_config": {}, "imu_token_id": 10**6}, "outside the language model's vocabulary"),
         ({"imu_config": {}, "imu_token_id": 5, "image_config": {}, "image_token_id": 5}, "both 5"),
         ({"num_tokens": {"smell": 4}}, "unknown modalities"),
+        ({"image_config": {"model_type": "convnext"}, "image_token_id": 5}, r"image encoder \(convnext\) has no integer hidden_size"),
     ],
 )
 def test_inconsistent_modalities_are_rejected(kwargs, message):

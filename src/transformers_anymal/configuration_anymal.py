@@ -198,9 +198,15 @@ class AnyMALConfig(PreTrainedConfig):
                         f"tokenizer and pass its id as {name}_token_id, or drop {name}_config."
                     )
                 continue
-            if self.get_encoder_config(name) is None:
+            encoder_config = self.get_encoder_config(name)
+            if encoder_config is None:
                 shared = f" or {spec.shares_encoder_with}_config" if spec.shares_encoder_with else ""
                 raise ValueError(f"{name}_token_id is set, so the {name} modality needs {name}_config{shared}.")
+            if not isinstance(getattr(encoder_config, "hidden_size", None), int):
+                raise ValueError(
+                    f"The {name} encoder ({encoder_config.model_type}) has no integer hidden_size, so its features "
+                    f"cannot be projected; use an encoder whose config gives the width of its outputs as hidden_size."
+                )
             if not 0 <= token_id < self.text_config.vocab_size:
                 raise ValueError(
                     f"{name}_token_id={token_id} is outside the language model's vocabulary "

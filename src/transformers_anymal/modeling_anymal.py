@@ -6,7 +6,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, BitsAndBytesConfig, ClapAudioModel, GenerationMixin, PreTrainedModel
+from transformers import (
+    MODEL_MAPPING,
+    AutoModel,
+    BitsAndBytesConfig,
+    ClapAudioModel,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.generation import LogitsProcessorList, SuppressTokensLogitsProcessor
@@ -176,10 +183,15 @@ class AnyMALLinearProjector(nn.Module):
 _ENCODERS_OUTSIDE_AUTOMODEL = {"clap_audio_model": ClapAudioModel, "anymal_imu": AnyMALIMUEncoder}
 
 
+def encoder_class(config) -> type[PreTrainedModel]:
+    """The class of the encoder a sub-config describes; `AutoModel` knows all but CLAP's audio tower and ours."""
+    return _ENCODERS_OUTSIDE_AUTOMODEL.get(config.model_type) or MODEL_MAPPING[type(config)]
+
+
 def build_encoder(config) -> PreTrainedModel:
-    """The encoder a sub-config describes; `AutoModel` builds all but CLAP's audio tower and the IMU encoder."""
-    encoder_class = _ENCODERS_OUTSIDE_AUTOMODEL.get(config.model_type)
-    return encoder_class(config) if encoder_class is not None else AutoModel.from_config(config)
+    if config.model_type in _ENCODERS_OUTSIDE_AUTOMODEL:
+        return encoder_class(config)(config)
+    return AutoModel.from_config(config)
 
 
 def build_projector(config: AnyMALConfig, name: str) -> nn.Module:
