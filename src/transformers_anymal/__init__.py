@@ -37,6 +37,13 @@ AutoFeatureExtractor.register(AnyMALIMUConfig, AnyMALIMUFeatureExtractor, exist_
 AutoVideoProcessor.register(AnyMALConfig, AnyMALVideoProcessor, exist_ok=True)
 AutoProcessor.register(AnyMALConfig, AnyMALProcessor, exist_ok=True)
 
+# saved checkpoints carry these classes' code and an auto_map, for `trust_remote_code=True` without this package
+AnyMALConfig.register_for_auto_class()
+AnyMALForConditionalGeneration.register_for_auto_class("AutoModelForMultimodalLM")
+AnyMALModel.register_for_auto_class("AutoModel")
+AnyMALProcessor.register_for_auto_class()
+AnyMALVideoProcessor.register_for_auto_class("AutoVideoProcessor")
+
 __all__ = [
     "MODALITIES",
     "AnyMALConfig",

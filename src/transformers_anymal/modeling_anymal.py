@@ -1,7 +1,10 @@
 """AnyMAL: pretrained modality encoders whose outputs projectors turn into token embeddings of a pretrained LLM."""
 
 import copy
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,20 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import auto_docstring, can_return_tuple
 
 from .configuration_anymal import MODALITIES, AnyMALConfig, AnyMALIMUConfig
+from .modelcard_anymal import anymal_model_card
+
+
+# written into pushed configs, so that only transformers and `trust_remote_code=True` are needed to load them
+AUTO_MAP = {
+    "AutoConfig": "configuration_anymal.AnyMALConfig",
+    "AutoModel": "modeling_anymal.AnyMALModel",
+    "AutoModelForImageTextToText": "modeling_anymal.AnyMALForConditionalGeneration",
+    "AutoModelForMultimodalLM": "modeling_anymal.AnyMALForConditionalGeneration",
+}
+CUSTOM_PIPELINES = {
+    "any-to-text": {"impl": "pipeline_anymal.AnyToTextPipeline", "pt": ["AutoModelForMultimodalLM"], "tf": [],
+                    "type": "multimodal"},
+}
 
 
 @auto_docstring(custom_intro="Outputs of [`AnyMALModel`].")
@@ -232,6 +249,30 @@ class AnyMALPreTrainedModel(PreTrainedModel):
             skipped = quantization_config.llm_int8_skip_modules or []
             quantization_config.llm_int8_skip_modules = list(dict.fromkeys(skipped + cls._modules_not_to_quantize))
         return super().from_pretrained(*args, quantization_config=quantization_config, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:  # transformers copies this module and its imports; add the pipeline's
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+            if (pipeline_file := Path(__file__).with_name("pipeline_anymal.py")).exists():
+                os.makedirs(save_directory, exist_ok=True)
+                shutil.copy(pipeline_file, save_directory)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *args, datasets: list[str] | None = None,
+                    training_stages: list[str] | None = None, **kwargs):
+        """As [`PreTrainedModel.push_to_hub`], plus the any-to-text pipeline and a model card naming the modalities,
+        their encoders and token budgets, and the training `datasets` and `training_stages` when given."""
+        # only pushed configs name the pipeline: for a local checkpoint, pipeline() would then ask for
+        # trust_remote_code instead of using the registered one
+        self.config.custom_pipelines = CUSTOM_PIPELINES
+        try:
+            commit = super().push_to_hub(repo_id, *args, **kwargs)
+        finally:
+            del self.config.custom_pipelines
+        repo_id = commit.repo_url.repo_id
+        card = anymal_model_card(self.config, repo_id, datasets, training_stages)
+        card.push_to_hub(repo_id, token=kwargs.get("token"), commit_message="Add AnyMAL model card")
+        return commit
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -1,0 +1,120 @@
+"""Publishing for real over HTTP: push to a Hub server on 127.0.0.1, then load in fresh processes, with the package
+installed and with only transformers (`trust_remote_code=True`)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from anymal_tester import TINY
+from hub_server import HubServer
+
+
+REPO = "tester/anymal-tiny"
+
+PUSH = f"""
+import sys, torch
+sys.path.insert(0, {str(TINY.parents[1] / "tests")!r})
+from anymal_tester import tiny_model
+from transformers import AutoProcessor
+import transformers_anymal
+
+model = tiny_model()
+model.save_pretrained(sys.argv[1])  # the local copy the loads are compared with
+model.push_to_hub("anymal-tiny", datasets=["digits"], training_stages=["alignment: projectors only"])
+AutoProcessor.from_pretrained({str(TINY)!r}).push_to_hub("anymal-tiny")
+"""
+
+LOAD = """
+import json, sys
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForMultimodalLM, AutoProcessor, pipeline
+
+remote = sys.argv[2] == "remote"
+if remote:  # only transformers: the code must come from the repo
+    sys.modules["transformers_anymal"] = None
+    try:
+        import transformers_anymal  # noqa: F401
+        raise SystemExit("transformers_anymal is importable")
+    except ImportError:
+        pass
+else:
+    import transformers_anymal  # noqa: F401
+kwargs = {"trust_remote_code": True} if remote else {}
+
+model = AutoModelForMultimodalLM.from_pretrained("tester/anymal-tiny", **kwargs)
+processor = AutoProcessor.from_pretrained("tester/anymal-tiny", **kwargs)
+local = load_file(sys.argv[1] + "/model.safetensors")
+loaded = model.state_dict()
+identical = all(torch.equal(loaded[key], tensor) for key, tensor in local.items()) and len(local) == len(loaded)
+if remote:  # the pipeline's code comes from the repo too
+    pipe = pipeline("any-to-text", model="tester/anymal-tiny", trust_remote_code=True)
+else:
+    pipe = pipeline("any-to-text", model=model, processor=processor)
+chat = [{"role": "user", "content": [
+    {"type": "image", "image": np.zeros((20, 20, 3), dtype=np.uint8)},
+    {"type": "imu", "imu": np.random.default_rng(0).standard_normal((6, 300)), "sampling_rate": 100},
+    {"type": "text", "text": "What is the person doing?"}]}]
+[answer] = pipe(chat, max_new_tokens=3, return_full_text=False)
+print(json.dumps({"model": type(model).__module__ + "." + type(model).__name__,
+                  "processor": type(processor).__module__, "identical": identical,
+                  "imu_extractor": type(processor.imu_feature_extractor).__name__,
+                  "pipeline": type(pipe).__module__, "answer": answer["generated_text"]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    server = HubServer()
+    cache = tmp_path_factory.mktemp("hf_home")
+    env = {**os.environ, "HF_ENDPOINT": server.endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_local_test_token",
+           "HF_HOME": str(cache), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
+    local = tmp_path_factory.mktemp("local-copy")
+    pushed = subprocess.run([sys.executable, "-c", PUSH, str(local)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    yield server, env, local
+    server.close()
+
+
+def load(env, local, mode):
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(LOAD), str(local), mode], env=env,
+                            capture_output=True, text=True, timeout=300, cwd=str(local.parent))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_push_uploads_weights_code_processor_and_card(hub):
+    server, _, _ = hub
+    files = server.repos[REPO]
+    for name in ("model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "chat_template.jinja",
+                 "configuration_anymal.py", "modeling_anymal.py", "processing_anymal.py", "pipeline_anymal.py",
+                 "feature_extraction_anymal.py", "video_processing_anymal.py", "README.md"):
+        assert name in files, name
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    config = json.loads(files["config.json"])
+    assert config["auto_map"]["AutoModelForMultimodalLM"] == "modeling_anymal.AnyMALForConditionalGeneration"
+    assert config["custom_pipelines"]["any-to-text"]["impl"] == "pipeline_anymal.AnyToTextPipeline"
+    card = files["README.md"].decode()
+    assert "pipeline_tag: any-to-any" in card and "library_name: transformers" in card and "- digits" in card
+    assert "| imu | `<imu>` | anymal_imu | linear | 4 |" in card and "alignment: projectors only" in card
+
+
+def test_loads_with_the_package_installed(hub):
+    _, env, local = hub
+    loaded = load(env, local, "installed")
+    assert loaded["model"] == "transformers_anymal.modeling_anymal.AnyMALForConditionalGeneration"
+    assert loaded["identical"] and loaded["imu_extractor"] == "AnyMALIMUFeatureExtractor"
+
+
+def test_loads_with_trust_remote_code_and_no_package(hub):
+    _, env, local = hub
+    loaded = load(env, local, "remote")
+    assert loaded["model"].startswith("transformers_modules.") and loaded["processor"].startswith("transformers_modules.")
+    assert loaded["pipeline"].startswith("transformers_modules.")
+    assert loaded["identical"] and loaded["imu_extractor"] == "AnyMALIMUFeatureExtractor"
