@@ -91,3 +91,26 @@ def write_video(path, gray_levels=tuple(range(0, 240, 12)), fps=10, size=32) -> 
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return str(path)
+
+
+ANSWERS = {"image": "a digit", "imu": "running", "both": "a digit and running", "text": "hello"}
+
+
+def make_chat_dataset(path, rows: int = 16, seed: int = 0):
+    """A DatasetDict saved to `path`: chats over an image, an IMU recording, both, or none, with short answers."""
+    from datasets import Dataset, DatasetDict
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    records = []
+    for index in range(rows):
+        kind = list(ANSWERS)[index % len(ANSWERS)]
+        blocks = [{"type": "image"}] * (kind in ("image", "both")) + [{"type": "imu"}] * (kind in ("imu", "both"))
+        records.append({
+            "messages": [{"role": "user", "content": [*blocks, {"type": "text", "text": "What is it?"}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": ANSWERS[kind]}]}],
+            "images": [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))] * (kind in ("image", "both")),
+            "imus": [rng.standard_normal((6, 200)).tolist()] * (kind in ("imu", "both")),
+        })
+    DatasetDict({"train": Dataset.from_list(records), "test": Dataset.from_list(records[:4])}).save_to_disk(path)
+    return str(path)

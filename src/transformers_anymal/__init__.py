@@ -10,6 +10,7 @@ from transformers import (
     AutoVideoProcessor,
 )
 
+from .collator_anymal import AnyMALDataCollator
 from .configuration_anymal import MODALITIES, AnyMALConfig, AnyMALIMUConfig, ModalitySpec, register_modality
 from .feature_extraction_anymal import AnyMALIMUFeatureExtractor
 from .modeling_anymal import (
@@ -47,6 +48,7 @@ AnyMALVideoProcessor.register_for_auto_class("AutoVideoProcessor")
 __all__ = [
     "MODALITIES",
     "AnyMALConfig",
+    "AnyMALDataCollator",
     "AnyMALForConditionalGeneration",
     "AnyMALIMUConfig",
     "AnyMALIMUEncoder",

@@ -133,7 +133,7 @@ class AnyMALIMUFeatureExtractor(FeatureExtractionMixin):
         length = len(values)
         if length > self.window_length:
             start = (length - self.window_length) // 2
-            logger.warning(
+            logger.warning_once(
                 f"IMU recording of {length / self.sampling_rate:g} s is longer than the "
                 f"{self.window_length / self.sampling_rate:g} s window; keeping its middle."
             )

@@ -177,6 +177,7 @@ class AnyMALPerceiverResampler(nn.Module):
         self.proj = nn.Linear(input_size, config.text_config.hidden_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.to(self.latents.dtype)  # encoders may run in another precision than the projector
         if self.frame_embeddings is not None:  # (items, frames, patches, hidden) -> (items, frames * patches, hidden)
             features = (features + self.frame_embeddings[: features.shape[1]]).flatten(1, 2)
         latents = self.latents.expand(features.shape[0], -1, -1)
@@ -194,6 +195,7 @@ class AnyMALLinearProjector(nn.Module):
         self.proj = nn.Linear(input_size, num_tokens * config.text_config.hidden_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.to(self.proj.weight.dtype)
         return self.proj(features).unflatten(-1, (self.num_tokens, -1))  # (items, num_tokens, text_hidden)
 
 
@@ -355,8 +357,7 @@ class AnyMALModel(AnyMALPreTrainedModel):
             )
         if encoder_features is None:
             encoder_features = self.encode(name, values)
-        projector = self.projectors[name]
-        return projector(encoder_features.to(next(projector.parameters()).dtype))
+        return self.projectors[name](encoder_features)
 
     def _check_modality_values(self, name: str, values):
         spec, encoder_config = MODALITIES[name], self.config.get_encoder_config(name)

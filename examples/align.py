@@ -1,0 +1,59 @@
+"""Stage 1 of AnyMAL, modality alignment: only the projectors train, on paired media-caption data, while the
+language model (optionally 4-bit or 8-bit, as the paper does for 70B on one GPU) and the encoders stay frozen.
+
+    accelerate launch examples/align.py --model_name_or_path anymal-70b-init --dataset_name my/captions \\
+        --output_dir anymal-70b-aligned --load_in_4bit
+
+Rows are chats as for examples/sft.py, e.g. a user turn with {"type": "image"} and an assistant turn with the
+caption. <output_dir> ends up a full checkpoint, what examples/sft.py starts from: with a quantized language model
+the projectors train as PEFT modules (checkpoints hold only them, which resume reads) and are then written into the
+full-precision base.
+"""
+
+from datasets import load_dataset, load_from_disk
+from trl import ModelConfig, SFTTrainer
+
+from transformers_anymal import AnyMALDataCollator
+from transformers_anymal.training_anymal import (
+    AnyMALScriptArguments,
+    AnyMALSFTConfig,
+    checksum,
+    load_model_and_processor,
+    parse_recipe_args,
+    projector_tuning_config,
+    save_aligned,
+)
+
+
+def main(script_args, training_args, model_args):
+    model, processor = load_model_and_processor(model_args)
+    counts = model.set_trainable(language_model=False, encoders=False, projectors=True)
+    print(f"trainable parameters by part: {counts}")
+    quantized = getattr(model, "is_quantized", False)
+
+    load = load_from_disk if script_args.dataset_from_disk else load_dataset
+    dataset = load(script_args.dataset_name, **({} if script_args.dataset_from_disk else {"name": script_args.dataset_config}))
+    collator = AnyMALDataCollator(processor, imu_sampling_rate=script_args.imu_sampling_rate)
+    collator.check_dataset(dataset[script_args.dataset_train_split], model.config.modalities, name="train split")
+
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        data_collator=collator,
+        train_dataset=dataset[script_args.dataset_train_split],
+        processing_class=processor,
+        peft_config=projector_tuning_config(model) if quantized else None,  # the Trainer wants PEFT on 4/8-bit
+    )
+    resume = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    print(f"rank {trainer.accelerator.process_index}: trainable weights {checksum(trainer.model)}")
+    if not quantized:
+        trainer.save_model(training_args.output_dir)
+    elif trainer.accelerator.is_main_process:  # the full-precision base with the trained projectors
+        save_aligned(model_args, trainer.model, training_args.output_dir, processor)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+
+
+if __name__ == "__main__":
+    main(*parse_recipe_args((AnyMALScriptArguments, AnyMALSFTConfig, ModelConfig), __doc__))

@@ -1,0 +1,75 @@
+"""Stage 2 of AnyMAL, multimodal instruction tuning: LoRA on the language model (QLoRA when it is loaded in 4-bit),
+the projectors trained in full, encoders frozen.
+
+    accelerate launch examples/sft.py --model_name_or_path anymal-aligned --dataset_name my/mm-instructions \\
+        --output_dir anymal-sft [--load_in_4bit] [--merge] [--push_to_hub]
+
+Rows hold a chat (`messages`, or `prompt` + `completion`) whose media blocks take their items inline or from the
+`images`/`videos`/`audios`/`imus` (list per row) or `image`/`video`/`audio`/`imu` (one per row) columns; see
+AnyMALDataCollator. <output_dir> holds the adapters and projectors (AutoModelForMultimodalLM.from_pretrained loads
+them onto the base in one call); --merge also writes <output_dir>/merged, a plain full checkpoint.
+"""
+
+from dataclasses import dataclass, field
+
+from datasets import load_dataset, load_from_disk
+from trl import ModelConfig, SFTTrainer
+
+from transformers_anymal import AnyMALDataCollator
+from transformers_anymal.training_anymal import (
+    AnyMALScriptArguments,
+    AnyMALSFTConfig,
+    checksum,
+    load_model_and_processor,
+    lora_config,
+    parse_recipe_args,
+    save_merged,
+)
+
+
+@dataclass
+class SFTScriptArguments(AnyMALScriptArguments):
+    merge: bool = field(default=False, metadata={"help": "Also write a merged full checkpoint to <output_dir>/merged."})
+
+
+@dataclass
+class AnyMALModelConfig(ModelConfig):
+    use_peft: bool = field(default=True, metadata={"help": "LoRA on the language model; false trains it in full."})
+
+
+def main(script_args, training_args, model_args):
+    model, processor = load_model_and_processor(model_args)
+    if getattr(model, "is_quantized", False) and not model_args.use_peft:
+        raise ValueError("A 4-bit/8-bit language model cannot be trained in full: keep --use_peft (QLoRA).")
+    model.set_trainable(language_model=not model_args.use_peft, encoders=False, projectors=True)
+
+    load = load_from_disk if script_args.dataset_from_disk else load_dataset
+    dataset = load(script_args.dataset_name, **({} if script_args.dataset_from_disk else {"name": script_args.dataset_config}))
+    collator = AnyMALDataCollator(processor, imu_sampling_rate=script_args.imu_sampling_rate)
+    splits = {"train": script_args.dataset_train_split}
+    if training_args.eval_strategy != "no":
+        splits["eval"] = script_args.dataset_test_split
+    for split in splits.values():
+        collator.check_dataset(dataset[split], model.config.modalities, name=f"{split} split")
+
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        data_collator=collator,
+        train_dataset=dataset[splits["train"]],
+        eval_dataset=dataset[splits["eval"]] if "eval" in splits else None,
+        processing_class=processor,
+        peft_config=lora_config(model, model_args) if model_args.use_peft else None,
+    )
+    resume = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    trainer.save_model(training_args.output_dir)
+    print(f"rank {trainer.accelerator.process_index}: trainable weights {checksum(trainer.model)}")
+    if script_args.merge and trainer.accelerator.is_main_process:
+        save_merged(model_args, training_args.output_dir, f"{training_args.output_dir}/merged", processor)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+
+
+if __name__ == "__main__":
+    main(*parse_recipe_args((SFTScriptArguments, AnyMALSFTConfig, AnyMALModelConfig), __doc__))

@@ -1,0 +1,148 @@
+"""AnyMALDataCollator: chat rows with media of any modality in, padded model inputs with answer-only labels out."""
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .processing_anymal import ARGUMENTS, BLOCK_KEYS, AnyMALProcessor
+
+
+# dataset columns that hold the items of bare blocks such as {"type": "image"}: a list per row (TRL's `images`)
+# under the plural name, one item per row under the singular
+COLUMNS = {name: (f"{name}s", name) for name in ("image", "video", "audio", "imu")}
+
+
+@dataclass
+class AnyMALDataCollator:
+    """
+    Turns dataset rows into training batches for [`AnyMALForConditionalGeneration`], for any `Trainer`/`SFTTrainer`.
+
+    A row holds a chat, as `messages` or as `prompt` + `completion` (TRL's conversational format). Media blocks carry
+    their item (`{"type": "image", "image": ...}`) or are bare (`{"type": "image"}`) and take the row's next item
+    from its media columns: `images`, `videos`, `audios`, `imus` hold a list per row, `image`, `video`, `audio`, `imu`
+    one item per row. Audio may be arrays with a
+    `sampling_rate`, datasets `Audio` values or paths; IMU recordings take their rate from the block, the row's
+    `imu_sampling_rate` column or `imu_sampling_rate` here. Rows in a batch may carry different modalities.
+
+    `labels` are the input ids on the assistant's answers (with their end-of-turn token) and -100 everywhere else:
+    system and user text, placeholders and padding.
+
+    Args:
+        processor ([`AnyMALProcessor`]): the model's processor.
+        imu_sampling_rate (`int`, *optional*): rate of IMU columns whose rows don't say.
+        padding_side (`str`, *optional*, defaults to `"right"`): training pads on the right.
+    """
+
+    processor: AnyMALProcessor
+    imu_sampling_rate: int | None = None
+    padding_side: str = "right"
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        chats = [self.chat(row, index) for index, row in enumerate(rows)]
+        batch = self.processor.apply_chat_template(
+            chats, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt",
+            processor_kwargs={"padding_side": self.padding_side},
+        )
+        answers = batch.pop("assistant_masks").bool() & batch["attention_mask"].bool()
+        for name in ARGUMENTS:  # a media block inside an answer is input, not something to predict
+            answers &= batch["input_ids"] != getattr(self.processor, f"{name}_token_id")
+        batch["labels"] = batch["input_ids"].masked_fill(~answers, -100)
+        return dict(batch)
+
+    def chat(self, row: dict, index: int = 0, decode: bool = True) -> list[dict]:
+        """The row's chat with every media block holding its item; checks blocks against the media columns."""
+        if "messages" in row:
+            messages = row["messages"]
+        elif "prompt" in row and "completion" in row:
+            messages = list(row["prompt"]) + list(row["completion"])
+        else:
+            raise ValueError(f"row {index}: no `messages` (or `prompt` + `completion`) column; got {sorted(row)}.")
+        columns = {name: next((column for column in COLUMNS[name] if row.get(column) is not None), None)
+                   for name in ARGUMENTS}
+        remaining = {name: ([row[column]] if column == name else list(row[column])) if column else []
+                     for name, column in columns.items()}
+        chat = []
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, list):
+                content = [self._fill(block, remaining, columns, row, index, decode) for block in content]
+            chat.append({**message, "content": content})
+        for name, items in remaining.items():
+            if items:
+                raise ValueError(
+                    f"row {index}: column `{columns[name]}` has {len(items)} more {name} item(s) than the chat has "
+                    f"bare {{'type': '{name}'}} blocks; add a block where each item belongs."
+                )
+        return chat
+
+    def _fill(self, block: dict, remaining: dict, columns: dict, row: dict, index: int, decode: bool) -> dict:
+        name = block.get("type")
+        if name not in ARGUMENTS:
+            return block
+        if any(key in block for key in BLOCK_KEYS[name]):
+            item = block[BLOCK_KEYS[name][0]] if BLOCK_KEYS[name][0] in block else None
+        elif remaining[name]:
+            item = remaining[name].pop(0)
+        else:
+            column = columns[name] or f"`{'`/`'.join(COLUMNS[name])}`"
+            raise ValueError(
+                f"row {index}: a bare {{'type': '{name}'}} block has no item left in column {column}; give each "
+                f"{name} block an item there (or inline, as {{'type': '{name}', '{name}': ...}})."
+            )
+        block = dict(block)
+        if item is not None:
+            block.pop("url", None), block.pop("path", None)
+            block[name] = _decoded(name, item) if decode else item
+            if name == "audio" and isinstance(block[name], dict) and "array" in block[name]:
+                block.update(audio=block[name]["array"], sampling_rate=block[name]["sampling_rate"])
+            if name == "imu" and "sampling_rate" not in block:
+                rate = row.get("imu_sampling_rate", self.imu_sampling_rate)
+                if rate is None:
+                    raise ValueError(
+                        f"row {index}: no IMU sampling rate; add an `imu_sampling_rate` column, put `sampling_rate` "
+                        f"in the block, or pass AnyMALDataCollator(imu_sampling_rate=...)."
+                    )
+                block["sampling_rate"] = rate
+        return block
+
+    def check_dataset(self, dataset, modalities: list[str], name: str = "dataset"):
+        """Fails before training, naming the row and column, where a row's media blocks and media columns disagree,
+        a row lacks a sampling rate, or a row uses a modality the model lacks. Media are not decoded."""
+        for index, row in enumerate(dataset):
+            chat = self.chat(row, index, decode=False)
+            used = {block["type"] for message in chat if isinstance(message["content"], list)
+                    for block in message["content"] if block.get("type") in ARGUMENTS}
+            if missing := sorted(used - set(modalities)):
+                raise ValueError(
+                    f"{name} row {index} uses {', '.join(missing)} but the model takes only {modalities}; drop those "
+                    f"rows or use a model with {' and '.join(f'{m}_config' for m in missing)}."
+                )
+
+
+def _decoded(name: str, item):
+    """Media as the processor takes them, from what datasets' Audio/Image/Video features yield."""
+    if name == "audio":
+        if hasattr(item, "get_all_samples"):  # a torchcodec AudioDecoder (datasets `Audio` column)
+            samples = item.get_all_samples()
+            return {"array": samples.data.mean(0).numpy(), "sampling_rate": samples.sample_rate}
+        if isinstance(item, dict) and item.get("array") is None and item.get("bytes"):  # Audio(decode=False)
+            import soundfile
+
+            array, rate = soundfile.read(io.BytesIO(item["bytes"]), dtype="float32", always_2d=True)
+            return {"array": array.mean(1), "sampling_rate": rate}
+        if isinstance(item, dict) and item.get("array") is None and item.get("path"):
+            return item["path"]
+    if name == "image" and isinstance(item, dict) and item.get("bytes"):  # Image(decode=False)
+        from PIL import Image
+
+        return Image.open(io.BytesIO(item["bytes"]))
+    if name in ("image", "video") and isinstance(item, dict) and item.get("path"):
+        return item["path"]
+    if name == "imu" and isinstance(item, list):
+        return np.asarray(item, dtype=np.float64)
+    return item
+
+
+__all__ = ["AnyMALDataCollator"]

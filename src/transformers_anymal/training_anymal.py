@@ -1,0 +1,123 @@
+"""What the training recipes share: SFT defaults for multimodal rows, model loading, and the PEFT set-ups of both
+stages. Not part of the model's code, so checkpoints loaded with `trust_remote_code` never need it."""
+
+import argparse
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import PartialState
+from peft import LNTuningConfig, LoraConfig, PeftModel
+from torch import nn
+from transformers import AutoModelForMultimodalLM, AutoProcessor
+from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser, get_quantization_config
+
+from .modeling_anymal import AnyMALForConditionalGeneration
+
+
+@dataclass
+class AnyMALScriptArguments(ScriptArguments):
+    """Dataset options of the AnyMAL recipes."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset or local path (load_dataset)."})
+    dataset_from_disk: bool = field(default=False, metadata={"help": "Read dataset_name with load_from_disk."})
+    imu_sampling_rate: int | None = field(default=None, metadata={"help": "Rate (Hz) of IMU columns that don't say."})
+
+
+@dataclass
+class AnyMALSFTConfig(SFTConfig):
+    """SFTConfig with the settings multimodal rows need."""
+
+    max_length: int | None = field(default=None, metadata={"help": "None: truncation could cut a placeholder run."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "The collator reads the media columns."})
+    dataset_kwargs: dict | None = field(default_factory=lambda: {"skip_prepare_dataset": True},
+                                        metadata={"help": "The collator tokenizes; TRL's preparation is skipped."})
+    logging_steps: float = field(default=1, metadata={"help": "Log the loss every this many steps."})
+
+
+def parse_recipe_args(dataclasses: tuple, description: str) -> tuple:
+    """TrlParser, with `--config recipe.yaml` listed in `--help` (TrlParser reads it before parsing)."""
+    parser = TrlParser(dataclasses, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of option values (command-line options override it)")
+    return tuple(parser.parse_args_and_config())[: len(dataclasses)]
+
+
+def load_model_and_processor(model_args: ModelConfig) -> tuple[AnyMALForConditionalGeneration, AutoProcessor]:
+    """The checkpoint with its language model quantized when `--load_in_4bit`/`--load_in_8bit` asks for it."""
+    quantization_config = get_quantization_config(model_args)
+    model = AutoModelForMultimodalLM.from_pretrained(
+        model_args.model_name_or_path,
+        dtype=model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype),
+        quantization_config=quantization_config,
+        # each process keeps its whole quantized model on its own GPU
+        device_map={"": PartialState().local_process_index} if quantization_config and torch.cuda.is_available() else None,
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+    )
+    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    return model, processor
+
+
+def projector_tuning_config(model: AnyMALForConditionalGeneration) -> LNTuningConfig:
+    """PEFT set-up of the alignment stage on a quantized LLM: the projectors train as whole modules, nothing else.
+
+    The Trainer refuses to train a quantized model without PEFT adapters; PEFT's LN-tuning trains full copies of the
+    modules it targets, which for the projectors is exactly the alignment stage, and merges them back.
+    """
+    warnings.filterwarnings("ignore", message="Unsupported layer type .*AnyMAL", category=UserWarning)
+    return LNTuningConfig(target_modules=_projector_names(model))
+
+
+def lora_config(model: AnyMALForConditionalGeneration, model_args: ModelConfig) -> LoraConfig:
+    """LoRA on every linear layer of the language model (not the encoders); the projectors train in full."""
+    targets = [name for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and ".language_model." in f".{name}"]
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        modules_to_save=_projector_names(model),
+    )
+
+
+def _projector_names(model) -> list[str]:
+    return [f"model.projectors.{name}" for name in model.config.modalities]
+
+
+def save_merged(model_args: ModelConfig, adapter_dir: str, output_dir: str, processor) -> None:
+    """Applies the trained adapters to the full-precision base and writes a plain checkpoint."""
+    base = AutoModelForMultimodalLM.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision,
+        dtype=model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype),
+    )
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+
+
+def save_aligned(model_args: ModelConfig, trained: nn.Module, output_dir: str, processor) -> None:
+    """Stage 1's result from a run on a quantized LLM: the full-precision base with the trained projectors."""
+    base = AutoModelForMultimodalLM.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision,
+        dtype=model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype),
+    )
+    for name, projector in trained.get_base_model().model.projectors.items():
+        projector = projector.ln_tuning_layers["default"]  # the trained copy PEFT kept next to the original
+        base.model.projectors[name].load_state_dict({k: v.to(torch.float32) for k, v in projector.state_dict().items()})
+    base.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+
+
+def checksum(model: nn.Module) -> str:
+    """A short digest of the trainable weights, to compare ranks or runs."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        if parameter.requires_grad:
+            digest.update(name.encode())
+            digest.update(parameter.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+

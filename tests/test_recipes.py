@@ -1,0 +1,147 @@
+"""The training recipes, run as users run them, on the tiny model and a small chat dataset, on CPU."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForMultimodalLM, AutoProcessor
+
+from anymal_tester import TINY, make_chat_dataset, make_inputs, tiny_model
+
+
+EXAMPLES = TINY.parents[1] / "examples"
+CPU = ["--use_cpu", "--bf16", "false", "--report_to", "none", "--per_device_train_batch_size", "4",
+       "--dataloader_num_workers", "0", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipes")
+    tiny_model().save_pretrained(root / "base")
+    AutoProcessor.from_pretrained(TINY).save_pretrained(root / "base")
+    return {"root": root, "base": str(root / "base"), "data": make_chat_dataset(root / "data")}
+
+
+def recipe(script, setup, output_dir, *args, check=True, launcher=(sys.executable,)):
+    command = [*launcher, str(EXAMPLES / script), "--model_name_or_path", setup["base"], "--dataset_name",
+               setup["data"], "--dataset_from_disk", "--imu_sampling_rate", "100", "--output_dir", str(output_dir),
+               *CPU, *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def changed_parameters(base_dir, tuned) -> set[str]:
+    base = AutoModelForMultimodalLM.from_pretrained(base_dir).state_dict()
+    tuned = tuned.state_dict()
+    assert set(base) == set(tuned)
+    return {key for key in base if not torch.equal(base[key], tuned[key])}
+
+
+@pytest.mark.parametrize("quantized", [[], ["--load_in_4bit"]], ids=["full-precision", "4-bit"])
+def test_alignment_trains_only_the_projectors(setup, tmp_path, quantized):
+    result = recipe("align.py", setup, tmp_path, "--max_steps", 3, "--learning_rate", "1e-3", *quantized)
+    assert "'loss'" in result.stdout + result.stderr and "it/s]" in result.stderr  # loss logs and a progress bar
+    aligned = AutoModelForMultimodalLM.from_pretrained(tmp_path)  # a full checkpoint, whatever the precision
+    changed = changed_parameters(setup["base"], aligned)
+    assert changed and all(".projectors." in key for key in changed)
+    trained = {key.split(".")[2] for key in changed}  # the modalities in the data (4-bit: TRL keeps the trainable
+    assert trained == {"image", "imu"} if not quantized else trained >= {"image", "imu"}  # projectors in bf16)
+    inputs = make_inputs(aligned.config, [["image", "imu", "text"]])
+    assert aligned.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_instruction_tuning_trains_adapters_and_projectors(setup, tmp_path):
+    recipe("sft.py", setup, tmp_path, "--max_steps", 3, "--learning_rate", "1e-3", "--merge")
+    adapters = load_file(tmp_path / "adapter_model.safetensors")
+    assert any("lora_A" in key for key in adapters) and any(".projectors." in key for key in adapters)
+    assert not any(".encoders." in key for key in adapters)
+    tuned = AutoModelForMultimodalLM.from_pretrained(tmp_path)  # base + adapters + projectors in one call
+    merged = AutoModelForMultimodalLM.from_pretrained(tmp_path / "merged")
+    changed = changed_parameters(setup["base"], merged)
+    assert {key.split(".")[1] for key in changed} == {"language_model", "projectors"}
+    inputs = make_inputs(merged.config, [["image", "imu", "text"]])
+    with torch.no_grad():
+        assert torch.allclose(tuned(**inputs).logits, merged(**inputs).logits, atol=1e-5)
+
+
+def test_qlora_instruction_tuning(setup, tmp_path):
+    recipe("sft.py", setup, tmp_path, "--max_steps", 2, "--load_in_4bit", "--merge")
+    merged = AutoModelForMultimodalLM.from_pretrained(tmp_path / "merged")
+    assert not getattr(merged, "is_quantized", False)  # merged onto the full-precision base
+    assert changed_parameters(setup["base"], merged)
+
+
+def test_bad_setups_fail_before_training(setup, tmp_path):
+    full = recipe("sft.py", setup, tmp_path, "--load_in_4bit", "--use_peft", "false", "--max_steps", 1, check=False)
+    assert full.returncode != 0 and "cannot be trained in full: keep --use_peft" in full.stderr
+    from datasets import load_from_disk
+
+    broken = load_from_disk(setup["data"])
+    rows = broken["train"].to_list()
+    rows[1]["imus"] = []  # a row whose chat has an IMU block but no recording
+    broken["train"] = broken["train"].from_list(rows, features=broken["train"].features)
+    broken.save_to_disk(tmp_path / "broken")
+    bad = subprocess.run([sys.executable, str(EXAMPLES / "align.py"), "--model_name_or_path", setup["base"],
+                          "--dataset_name", str(tmp_path / "broken"), "--dataset_from_disk", "--imu_sampling_rate",
+                          "100", "--output_dir", str(tmp_path / "out"), *CPU], capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode != 0 and "row 1: a bare {'type': 'imu'} block has no item left" in bad.stderr
+    assert "'loss'" not in bad.stdout + bad.stderr  # training never started
+
+
+def test_resume_after_a_kill_is_exact(setup, tmp_path):
+    arguments = ["--max_steps", 8, "--save_steps", 2, "--learning_rate", "1e-3", "--lora_dropout", "0.1"]
+    recipe("sft.py", setup, tmp_path / "straight", *arguments)
+
+    command = [sys.executable, str(EXAMPLES / "sft.py"), "--model_name_or_path", setup["base"], "--dataset_name",
+               setup["data"], "--dataset_from_disk", "--imu_sampling_rate", "100", "--output_dir",
+               str(tmp_path / "killed"), *CPU, *map(str, arguments)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoint-4" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before checkpoint-4"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "checkpoint-8").exists(), "killed too late to test resuming"
+    recipe("sft.py", setup, tmp_path / "killed", *arguments, "--resume_from_checkpoint", "last")
+
+    straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key, tensor in straight.items():
+        assert torch.equal(tensor, resumed[key]), key
+
+
+def test_two_process_ddp_keeps_ranks_identical(setup, tmp_path):
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0")
+    os.environ["ACCELERATE_USE_CPU"] = "1"
+    try:
+        result = recipe("sft.py", setup, tmp_path, "--max_steps", 3, "--learning_rate", "1e-3", launcher=launcher)
+    finally:
+        del os.environ["ACCELERATE_USE_CPU"]
+    digests = dict(re.findall(r"rank (\d): trainable weights (\w+)", result.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+
+
+def test_recipes_document_their_options_and_ship_gpu_configs():
+    for script in ("align.py", "sft.py"):
+        help_text = subprocess.run([sys.executable, str(EXAMPLES / script), "--help"], capture_output=True, text=True,
+                                   check=True).stdout
+        for option in ("--model_name_or_path", "--dataset_name", "--imu_sampling_rate", "--load_in_4bit", "--config",
+                       "--resume_from_checkpoint", "--push_to_hub", "--output_dir"):
+            assert option in help_text, (script, option)
+    configs = {path.stem: yaml.safe_load(path.read_text()) for path in (EXAMPLES / "accelerate_configs").glob("*.yaml")}
+    assert configs["fsdp2"]["fsdp_config"]["fsdp_version"] == 2
+    assert configs["deepspeed_zero3"]["deepspeed_config"]["zero_stage"] == 3
+    assert configs["ddp"]["distributed_type"] == "MULTI_GPU"
