@@ -21,5 +21,5 @@ def test_demo_runs_on_the_tiny_config():
 
 
 def test_example_scripts_document_their_options():
-    for script in ("demo.py", "convert_imu2clip_checkpoint.py"):
+    for script in ("demo.py", "convert_imu2clip_checkpoint.py", "cache_features.py"):
         assert "usage:" in run(script, "--help").stdout

@@ -259,6 +259,17 @@ def test_tokenizer_without_a_placeholder_is_rejected(processor):
                         processor.imu_feature_extractor, tokenizer)
 
 
+def test_cached_encoder_features_stand_in_for_media(processor, media):
+    from transformers_anymal import EncoderFeatures
+
+    features = EncoderFeatures(np.zeros((17, 32), dtype=np.float32))
+    inputs = processor(text="<image> cached", images=[features])
+    assert "pixel_values" not in inputs and inputs["encoder_features"]["image"].shape == (1, 17, 32)
+    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == 8
+    with pytest.raises(ValueError, match="image: mix of raw items and EncoderFeatures"):
+        processor(text="<image><image>", images=[features, media["image"]])
+
+
 def test_decoding_hooks(processor):
     ids = processor(text=["the person is running"])["input_ids"]
     assert processor.batch_decode(ids, skip_special_tokens=True) == ["the person is running"]

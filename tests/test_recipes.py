@@ -59,6 +59,30 @@ def test_alignment_trains_only_the_projectors(setup, tmp_path, quantized):
     assert aligned.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
 
 
+def test_alignment_on_cached_encoder_features(setup, tmp_path):
+    from datasets import load_from_disk
+
+    from transformers_anymal import AnyMALDataCollator
+
+    subprocess.run([sys.executable, str(EXAMPLES / "cache_features.py"), "--model_name_or_path", setup["base"],
+                    "--dataset_name", setup["data"], "--dataset_from_disk", "--imu_sampling_rate", "100",
+                    "--output_dir", str(tmp_path / "features")], check=True, capture_output=True, timeout=300)
+    raw, cached = load_from_disk(setup["data"])["train"], load_from_disk(tmp_path / "features")["train"]
+    assert "images" not in cached.column_names and "image_features" in cached.column_names
+    model = AutoModelForMultimodalLM.from_pretrained(setup["base"]).eval()
+    collator = AnyMALDataCollator(AutoProcessor.from_pretrained(setup["base"]), imu_sampling_rate=100)
+    on_the_fly, from_cache = collator([raw[i] for i in range(8)]), collator([cached[i] for i in range(8)])
+    assert "encoder_features" in from_cache and "pixel_values" not in from_cache
+    assert torch.equal(on_the_fly["labels"], from_cache["labels"])
+    with torch.no_grad():
+        assert torch.allclose(model(**on_the_fly).loss, model(**from_cache).loss, rtol=1e-5)
+
+    setup = {**setup, "data": str(tmp_path / "features")}
+    recipe("align.py", setup, tmp_path / "aligned", "--max_steps", 2, "--learning_rate", "1e-3")
+    changed = changed_parameters(setup["base"], AutoModelForMultimodalLM.from_pretrained(tmp_path / "aligned"))
+    assert changed and all(".projectors." in key for key in changed)
+
+
 def test_instruction_tuning_trains_adapters_and_projectors(setup, tmp_path):
     recipe("sft.py", setup, tmp_path, "--max_steps", 3, "--learning_rate", "1e-3", "--merge")
     adapters = load_file(tmp_path / "adapter_model.safetensors")

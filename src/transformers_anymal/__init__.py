@@ -22,7 +22,7 @@ from .modeling_anymal import (
     AnyMALPreTrainedModel,
 )
 from .pipeline_anymal import AnyToTextPipeline
-from .processing_anymal import AnyMALProcessor
+from .processing_anymal import AnyMALProcessor, EncoderFeatures
 from .video_processing_anymal import AnyMALVideoProcessor
 
 
@@ -60,6 +60,7 @@ __all__ = [
     "AnyMALProcessor",
     "AnyMALVideoProcessor",
     "AnyToTextPipeline",
+    "EncoderFeatures",
     "ModalitySpec",
     "register_modality",
 ]

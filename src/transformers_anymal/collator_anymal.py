@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .processing_anymal import ARGUMENTS, BLOCK_KEYS, AnyMALProcessor
+from .processing_anymal import ARGUMENTS, BLOCK_KEYS, AnyMALProcessor, EncoderFeatures
 
 
 # dataset columns that hold the items of bare blocks such as {"type": "image"}: a list per row (TRL's `images`)
@@ -25,6 +25,9 @@ class AnyMALDataCollator:
     one item per row. Audio may be arrays with a
     `sampling_rate`, datasets `Audio` values or paths; IMU recordings take their rate from the block, the row's
     `imu_sampling_rate` column or `imu_sampling_rate` here. Rows in a batch may carry different modalities.
+
+    Rows written by `examples/cache_features.py` hold each item's frozen-encoder features in `<modality>_features`
+    columns instead of media; their batches carry `encoder_features` and the encoders do not run.
 
     `labels` are the input ids on the assistant's answers (with their end-of-turn token) and -100 everywhere else:
     system and user text, placeholders and padding.
@@ -63,12 +66,17 @@ class AnyMALDataCollator:
                    for name in ARGUMENTS}
         remaining = {name: ([row[column]] if column == name else list(row[column])) if column else []
                      for name, column in columns.items()}
+        cached = {name: list(row[f"{name}_features"]) for name in ARGUMENTS if row.get(f"{name}_features") is not None}
         chat = []
         for message in messages:
             content = message["content"]
             if isinstance(content, list):
-                content = [self._fill(block, remaining, columns, row, index, decode) for block in content]
+                content = [self._cached(block, cached, index) if block.get("type") in cached
+                           else self._fill(block, remaining, columns, row, index, decode) for block in content]
             chat.append({**message, "content": content})
+        for name, features in cached.items():
+            if features:
+                raise ValueError(f"row {index}: `{name}_features` has {len(features)} more entries than {name} blocks.")
         for name, items in remaining.items():
             if items:
                 raise ValueError(
@@ -76,6 +84,14 @@ class AnyMALDataCollator:
                     f"bare {{'type': '{name}'}} blocks; add a block where each item belongs."
                 )
         return chat
+
+    @staticmethod
+    def _cached(block: dict, cached: dict, index: int) -> dict:
+        """A media block whose item's encoder features sit in the row's `<modality>_features` column."""
+        name = block["type"]
+        if not cached[name]:
+            raise ValueError(f"row {index}: more {name} blocks than entries in its `{name}_features` column.")
+        return {"type": name, name: EncoderFeatures(cached[name].pop(0))}
 
     def _fill(self, block: dict, remaining: dict, columns: dict, row: dict, index: int, decode: bool) -> dict:
         name = block.get("type")

@@ -4,6 +4,7 @@ import os
 import re
 
 import numpy as np
+import torch
 from transformers import BatchFeature, ProcessorMixin
 from transformers.audio_utils import load_audio
 from transformers.image_utils import load_image
@@ -50,8 +51,16 @@ CHAT_TEMPLATE = (
 )
 
 
+class EncoderFeatures:
+    """An item whose frozen-encoder features were computed earlier (feature caching): the processor expands its
+    placeholder as for raw media and hands the features to the model as `encoder_features`."""
+
+    def __init__(self, features):
+        self.features = torch.as_tensor(np.asarray(features)) if not isinstance(features, torch.Tensor) else features
+
+
 def _is_item(name: str, value) -> bool:
-    if isinstance(value, (str, os.PathLike)):
+    if isinstance(value, (str, os.PathLike, EncoderFeatures)):
         return True
     if isinstance(value, dict):
         return name in ("audio", "imu")  # {"array"|"path", "sampling_rate"}, as datasets' Audio column gives
@@ -149,10 +158,15 @@ class AnyMALProcessor(ProcessorMixin):
         kwargs.pop("return_text_replacement_offsets", None)
         return_offsets = kwargs.get("return_offsets_mapping", False)
 
-        data = {}
+        data, encoder_features = {}, {}
         for name, items in given.items():
             items = self._match_items(name, items, [sample.count(MODALITIES[name].token) for sample in texts])
-            if items:
+            cached = [isinstance(item, EncoderFeatures) for item in items]
+            if any(cached) and not all(cached):
+                raise ValueError(f"{name}: mix of raw items and EncoderFeatures; cache every {name} item or none.")
+            if any(cached):
+                encoder_features[name] = torch.stack([item.features for item in items])
+            elif items:
                 data[MODALITIES[name].input_name] = self._process(name, items, **options.get(name, {}))
         texts, offsets = self._expand_placeholders(texts)
         kwargs.setdefault("padding", True)
@@ -160,6 +174,8 @@ class AnyMALProcessor(ProcessorMixin):
         output = BatchFeature({**text_inputs, **data}, tensor_type=return_tensors)
         if return_offsets:  # apply_chat_template realigns the assistant mask with them
             output["text_replacement_offsets"] = offsets
+        if encoder_features:
+            output["encoder_features"] = encoder_features
         return output
 
     def _match_items(self, name: str, items, counts: list[int]) -> list:
@@ -290,7 +306,7 @@ class AnyMALProcessor(ProcessorMixin):
                     if len(values) != 1:
                         raise ValueError(f"{where}: a {block_type} block needs exactly one of {BLOCK_KEYS[block_type]}.")
                     item = values[0]
-                    if block_type in ("audio", "imu") and not isinstance(item, (str, os.PathLike, dict)):
+                    if block_type in ("audio", "imu") and not isinstance(item, (str, os.PathLike, dict, EncoderFeatures)):
                         if "sampling_rate" not in block:
                             raise ValueError(f"{where}: a {block_type} array needs 'sampling_rate' in its block.")
                         item = {"array": item, "sampling_rate": block["sampling_rate"]}
@@ -300,8 +316,8 @@ class AnyMALProcessor(ProcessorMixin):
             for name in ARGUMENTS:
                 collected[name].append(found[name])
         # audio comes back as waveforms at the feature extractor's rate, the rate apply_chat_template then passes on
-        audio = [[self._load("audio", index, self._waveform, item, None) for index, item in enumerate(sample)]
-                 for sample in collected["audio"]]
+        audio = [[item if isinstance(item, EncoderFeatures) else self._load("audio", index, self._waveform, item, None)
+                  for index, item in enumerate(sample)] for sample in collected["audio"]]
         imu = collected["imu"] if any(collected["imu"]) else None
         return collected["image"], collected["video"], audio if any(audio) else [], {"imu": imu}
 
@@ -319,4 +335,4 @@ class AnyMALProcessor(ProcessorMixin):
         return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
 
 
-__all__ = ["AnyMALProcessor"]
+__all__ = ["AnyMALProcessor", "EncoderFeatures"]

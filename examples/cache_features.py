@@ -1,0 +1,67 @@
+"""Runs the frozen encoders over a dataset once and stores their outputs, so alignment trains without them.
+
+    python examples/cache_features.py --model_name_or_path anymal-7b-init --dataset_name my/captions \\
+        --output_dir my-captions-features [--imu_sampling_rate 100] [--dtype float16]
+    accelerate launch examples/align.py --model_name_or_path anymal-7b-init --dataset_name my-captions-features \\
+        --dataset_from_disk --output_dir anymal-7b-aligned
+
+Each row keeps its chat and gets a `<modality>_features` column (one array per item, in block order) in place of
+its media columns; AnyMALDataCollator then passes them to the model as `encoder_features`. Features are what the
+encoders give before the projectors, so the projectors still train. Written with `save_to_disk`.
+"""
+
+import argparse
+
+import torch
+from datasets import load_dataset, load_from_disk
+from tqdm.auto import tqdm
+from transformers import AutoModelForMultimodalLM, AutoProcessor
+
+from transformers_anymal import MODALITIES, AnyMALDataCollator
+from transformers_anymal.collator_anymal import COLUMNS
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True, help="AnyMAL checkpoint whose encoders to run")
+    parser.add_argument("--dataset_name", required=True, help="Hub dataset or local path")
+    parser.add_argument("--dataset_from_disk", action="store_true", help="read dataset_name with load_from_disk")
+    parser.add_argument("--dataset_config", help="dataset configuration name")
+    parser.add_argument("--output_dir", required=True, help="where to save_to_disk the dataset with features")
+    parser.add_argument("--imu_sampling_rate", type=int, help="rate (Hz) of IMU columns that don't say")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="precision of the stored features")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
+    model = AutoModelForMultimodalLM.from_pretrained(args.model_name_or_path).to(args.device).eval()
+    collator = AnyMALDataCollator(processor, imu_sampling_rate=args.imu_sampling_rate)
+    dataset = (load_from_disk(args.dataset_name) if args.dataset_from_disk
+               else load_dataset(args.dataset_name, name=args.dataset_config))
+    names = model.config.modalities
+
+    @torch.inference_mode()
+    def encode(row, index):
+        inputs = processor.apply_chat_template([collator.chat(row, index)], tokenize=True, return_dict=True)
+        features = {}
+        for name in names:
+            values = inputs.get(MODALITIES[name].input_name)
+            encoded = model.model.encode(name, values.to(args.device)) if values is not None else values
+            features[f"{name}_features"] = [] if encoded is None else list(encoded.to(getattr(torch, args.dtype)).float().cpu().numpy())
+        return features
+
+    for split, rows in dataset.items():
+        media = [column for name in names for column in COLUMNS[name] if column in rows.column_names]
+        with tqdm(total=len(rows), desc=f"encoding {split}") as progress:
+            def encode_and_count(row, index):
+                progress.update()
+                return encode(row, index)
+
+            dataset[split] = rows.map(encode_and_count, with_indices=True, remove_columns=media)
+    dataset.save_to_disk(args.output_dir)
+    print(f"Saved {', '.join(f'{split}: {len(rows)} rows' for split, rows in dataset.items())} to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
