@@ -118,3 +118,38 @@ def test_loads_with_trust_remote_code_and_no_package(hub):
     assert loaded["model"].startswith("transformers_modules.") and loaded["processor"].startswith("transformers_modules.")
     assert loaded["pipeline"].startswith("transformers_modules.")
     assert loaded["identical"] and loaded["imu_extractor"] == "AnyMALIMUFeatureExtractor"
+
+
+def test_the_trainers_push_loads_back(hub, tmp_path):
+    from transformers import AutoProcessor
+
+    from anymal_tester import make_chat_dataset, tiny_model
+
+    server, env, _ = hub
+    tiny_model().save_pretrained(tmp_path / "base")
+    AutoProcessor.from_pretrained(TINY).save_pretrained(tmp_path / "base")
+    script = TINY.parents[1] / "examples" / "sft.py"
+    trained = subprocess.run(
+        [sys.executable, str(script), "--model_name_or_path", str(tmp_path / "base"), "--dataset_name",
+         make_chat_dataset(tmp_path / "data"), "--dataset_from_disk", "--imu_sampling_rate", "100", "--output_dir",
+         str(tmp_path / "sft"), "--max_steps", "2", "--use_cpu", "--bf16", "false", "--report_to", "none",
+         "--push_to_hub", "--hub_model_id", "tester/anymal-sft"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert {"adapter_model.safetensors", "adapter_config.json", "processor_config.json", "README.md"} <= set(
+        server.repos["tester/anymal-sft"])
+    check = """
+import torch, transformers_anymal
+from safetensors.torch import load_file
+from transformers import AutoModelForMultimodalLM, AutoProcessor
+model = AutoModelForMultimodalLM.from_pretrained("tester/anymal-sft")
+AutoProcessor.from_pretrained("tester/anymal-sft")
+local = load_file(ADAPTER)
+state = model.state_dict()
+lora = {key.removeprefix("base_model.model.").replace(".weight", ".default.weight"): tensor
+        for key, tensor in local.items() if ".lora_" in key}
+assert lora and all(torch.equal(state[key], tensor) for key, tensor in lora.items())  # the trained adapters
+print("loaded", type(model).__name__)
+""".replace("ADAPTER", repr(str(tmp_path / "sft" / "adapter_model.safetensors")))
+    loaded = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0 and "loaded AnyMALForConditionalGeneration" in loaded.stdout, loaded.stderr[-3000:]
