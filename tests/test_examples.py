@@ -23,3 +23,10 @@ def test_demo_runs_on_the_tiny_config():
 def test_example_scripts_document_their_options():
     for script in ("demo.py", "convert_imu2clip_checkpoint.py", "cache_features.py"):
         assert "usage:" in run(script, "--help").stdout
+
+
+def test_benchmarks_document_their_options():
+    for script in ("run_all.py", "bench_inference.py", "bench_training.py", "bench_processor.py"):
+        result = subprocess.run([sys.executable, TINY.parents[1] / "benchmarks" / script, "--help"], capture_output=True,
+                                text=True, check=True, timeout=120)
+        assert "--quick" in result.stdout and "--device" in result.stdout

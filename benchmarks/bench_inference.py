@@ -1,0 +1,127 @@
+"""Inference side by side: AnyMAL against LLaVA and against the bare language model, same LLM and vision tower.
+
+    python benchmarks/bench_inference.py [--quick] [--device cuda] [--size 7b]
+
+Time to first token, decode tokens/s and peak memory for one image, four images and a batch of eight, with the
+tokens each model spends on the images. AnyMAL spends `--image_tokens` (64) per image through its Perceiver
+Resampler; LLaVA spends one per patch (196 for ViT-B/16 at 224 px, 576 for ViT-L/14 at 336 px). Random weights,
+realistic shapes: `--size cpu` is a ~100M-parameter Llama with ViT-B/16, `--size 7b` Llama-2-7B with ViT-L/14-336.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from common import (
+    IMAGE_TOKEN_ID,
+    ROOT,
+    build_models,
+    device_and_dtype,
+    median_seconds,
+    peak_memory_bytes,
+    print_table,
+    synchronize,
+)
+
+
+SCENARIOS = {"1 image": (1, 1), "4 images": (1, 4), "batch of 8": (8, 1)}  # (prompts, images per prompt)
+
+
+def prompt(tokens_per_image: int, prompts: int, images: int, text_tokens: int, image_size: int, device, dtype):
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randint(10, 380, (prompts, text_tokens), generator=generator)
+    placeholders = torch.full((prompts, tokens_per_image * images), IMAGE_TOKEN_ID)
+    return {
+        "input_ids": torch.cat([placeholders, text], 1).to(device),
+        "attention_mask": torch.ones(prompts, placeholders.shape[1] + text_tokens, dtype=torch.long, device=device),
+        "pixel_values": torch.randn(prompts * images, 3, image_size, image_size, generator=generator).to(device, dtype),
+    }
+
+
+def decode_seconds(model, inputs, steps: int, device: str) -> float:
+    """Forward passes of one token each on the KV cache of `inputs`, timed apart from the prefill."""
+    with torch.inference_mode():
+        output = model(**inputs, use_cache=True, logits_to_keep=1)
+        cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            output = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        synchronize(device)
+        return time.perf_counter() - start
+
+
+def measure(model, inputs, decode_steps: int, device: str, repeats: int) -> dict:
+    """TTFT: `generate` of one token (encoders, projectors, prefill); decode: tokens/s on the prompt's KV cache."""
+
+    def first_token():
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+
+    ttft = median_seconds(first_token, device, repeats)
+    decode_s = statistics.median(decode_seconds(model, inputs, decode_steps, device) for _ in range(repeats))
+    return {"prompt_tokens": inputs["input_ids"].shape[1], "ttft_s": ttft,
+            "decode_tokens_per_s": inputs["input_ids"].shape[0] * decode_steps / decode_s,
+            "peak_memory_mb": peak_memory_bytes(first_token, device) / 2**20}
+
+
+def decode_ratio(anymal, bare, inputs, text_only, steps: int, device: str, rounds: int) -> float:
+    """AnyMAL's decode speed over the bare LLM's on the same token sequence, in interleaved rounds (noise cancels)."""
+    ratios = [decode_seconds(bare, text_only, steps, device) / decode_seconds(anymal, inputs, steps, device)
+              for _ in range(rounds)]
+    return statistics.median(ratios)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and new tokens (CPU smoke run)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on cuda)")
+    parser.add_argument("--size", default=None, choices=["cpu", "7b"], help="model shapes (default: by device)")
+    parser.add_argument("--image_tokens", type=int, default=64, help="AnyMAL tokens per image")
+    parser.add_argument("--text_tokens", type=int, default=32, help="text tokens in every prompt")
+    parser.add_argument("--output", default=str(ROOT / "inference.json"), help="where to write the JSON results")
+    args = parser.parse_args(argv)
+    device, dtype = device_and_dtype(args.device)
+    size = args.size or ("7b" if device.startswith("cuda") else "cpu")
+    repeats, decode_steps = (1, 16) if args.quick else (5, 64)
+    anymal, llava, bare = build_models(size, device, dtype, args.image_tokens)
+    image_size, patch = anymal.config.image_config.image_size, anymal.config.image_config.patch_size
+    llava_tokens = (image_size // patch) ** 2
+
+    results, rows = {}, []
+    for scenario, (prompts, images) in SCENARIOS.items():
+        for name, model, tokens in (("AnyMAL", anymal, args.image_tokens), ("LLaVA", llava, llava_tokens)):
+            inputs = prompt(tokens, prompts, images, args.text_tokens, image_size, device, dtype)
+            result = results.setdefault(scenario, {})[name] = measure(model, inputs, decode_steps, device, repeats)
+            rows.append([scenario, name, tokens * images, result["prompt_tokens"], f"{1000 * result['ttft_s']:.0f}",
+                         f"{result['decode_tokens_per_s']:.1f}", f"{result['peak_memory_mb']:.0f}"])
+    anymal_prompt = prompt(args.image_tokens, 1, 1, args.text_tokens, image_size, device, dtype)
+    text_only = {"input_ids": anymal_prompt["input_ids"] % 380, "attention_mask": anymal_prompt["attention_mask"]}
+    results["bare LLM"] = measure(bare, text_only, decode_steps, device, repeats)
+    bare_row = results["bare LLM"]
+    rows.append(["same tokens", "bare LLM", 0, bare_row["prompt_tokens"], f"{1000 * bare_row['ttft_s']:.0f}",
+                 f"{bare_row['decode_tokens_per_s']:.1f}", f"{bare_row['peak_memory_mb']:.0f}"])
+    print_table(f"Inference ({size} shapes, {device}, {dtype}; decode over {decode_steps} tokens)",
+                ["scenario", "model", "image tokens", "prompt tokens", "TTFT ms", "decode tok/s", "peak MB"], rows)
+
+    ratios = {
+        "ttft_ratio_vs_llava": results["1 image"]["AnyMAL"]["ttft_s"] / results["1 image"]["LLaVA"]["ttft_s"],
+        "ttft_ratio_vs_llava_4_images": results["4 images"]["AnyMAL"]["ttft_s"] / results["4 images"]["LLaVA"]["ttft_s"],
+        "ttft_ratio_vs_llava_batch_8": results["batch of 8"]["AnyMAL"]["ttft_s"] / results["batch of 8"]["LLaVA"]["ttft_s"],
+        "decode_ratio_vs_bare_llm": decode_ratio(anymal, bare, anymal_prompt, text_only, decode_steps, device,
+                                                 rounds=5 if args.quick else 15),
+    }
+    print_table("Ratios (targets: TTFT <= 0.5x LLaVA, decode >= 0.95x bare LLM)", ["ratio", "value"],
+                [[key, f"{value:.3f}"] for key, value in ratios.items()])
+    output = {"device": device, "size": size, "dtype": str(dtype), "results": results, **ratios}
+    with open(args.output, "w") as file:
+        json.dump(output, file, indent=2)
+    return output
+
+
+if __name__ == "__main__":
+    main()

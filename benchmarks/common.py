@@ -1,0 +1,135 @@
+"""Shared by the benchmark scripts: model shapes, timing, peak memory and result tables."""
+
+import ctypes
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+
+from transformers_anymal import AnyMALConfig, AnyMALForConditionalGeneration
+
+
+ROOT = Path(__file__).resolve().parent
+TINY = ROOT.parent / "hub_configs" / "anymal-tiny"
+VOCAB = 32000
+# the placeholders of anymal-tiny's tokenizer, so its processor can feed these larger models
+IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, AUDIO_TOKEN_ID, IMU_TOKEN_ID = 384, 385, 386, 387
+
+
+def text_config(size: str) -> dict:
+    """`cpu`: a ~100M-parameter Llama; `7b`: Llama-2-7B's shapes."""
+    shapes = {"cpu": (768, 2048, 8, 12), "7b": (4096, 11008, 32, 32)}[size]
+    hidden, intermediate, layers, heads = shapes
+    return {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+            "max_position_embeddings": 4096}
+
+
+def vision_config(size: str) -> dict:
+    """`cpu`: CLIP ViT-B/16 at 224 px (196 patches); `7b`: CLIP ViT-L/14 at 336 px as in LLaVA-1.5 (576 patches)."""
+    if size == "cpu":
+        return {"model_type": "clip_vision_model", "hidden_size": 768, "intermediate_size": 3072,
+                "num_hidden_layers": 12, "num_attention_heads": 12, "image_size": 224, "patch_size": 16}
+    return {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+            "num_attention_heads": 16, "image_size": 336, "patch_size": 14}
+
+
+def anymal_config(size: str, image_tokens: int = 64, **overrides) -> AnyMALConfig:
+    """Image and video through the vision tower; `overrides` may add audio and IMU."""
+    num_tokens = {"image": image_tokens, "video": image_tokens, "audio": 32, "imu": 32}
+    return AnyMALConfig(text_config=text_config(size), image_config=vision_config(size), image_token_id=IMAGE_TOKEN_ID,
+                        video_token_id=VIDEO_TOKEN_ID, num_tokens=num_tokens, resampler_depth=6,
+                        resampler_num_heads=8, resampler_head_dim=64, **overrides)
+
+
+def processor_for(config: AnyMALConfig):
+    """anymal-tiny's processor with the vision preprocessing of `config`'s image tower."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(TINY)
+    size = config.image_config.image_size
+    for sub_processor in (processor.image_processor, processor.video_processor):
+        sub_processor.size, sub_processor.crop_size = {"shortest_edge": size}, {"height": size, "width": size}
+    processor.video_processor.num_frames = config.num_frames
+    processor.num_tokens.update(config.num_tokens)
+    return processor
+
+
+def build_models(size: str, device: str, dtype: torch.dtype, image_tokens: int = 64):
+    """AnyMAL, LLaVA and the bare LLM with the same language model weights and the same vision tower."""
+    torch.manual_seed(0)
+    anymal = AnyMALForConditionalGeneration(anymal_config(size, image_tokens)).to(device, dtype).eval()
+    llava = LlavaForConditionalGeneration(LlavaConfig(
+        text_config=text_config(size), vision_config=vision_config(size), image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )).to(device, dtype).eval()
+    bare = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in text_config(size).items() if k != "model_type"}))
+    bare = bare.to(device, dtype).eval()
+    language_model = anymal.model.language_model.state_dict()
+    llava.model.language_model.load_state_dict(language_model)
+    llava.model.vision_tower.load_state_dict(anymal.model.encoders["image"].state_dict())
+    bare.model.load_state_dict(language_model)
+    for model in (llava, bare):
+        model.lm_head.load_state_dict(anymal.lm_head.state_dict())
+    return anymal, llava, bare
+
+
+def synchronize(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, device: str, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+def peak_memory_bytes(fn, device: str) -> int:
+    """Peak memory `fn` adds: CUDA's allocator peak, or on CPU the resident set sampled every millisecond."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return torch.cuda.max_memory_allocated() - base
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so the resident set starts from what is live
+    base, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    fn()
+    done.set()
+    sampler.join()
+    return max(peak[0], _rss_bytes()) - base
+
+
+def print_table(title: str, header: list[str], rows: list[list]):
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    print(f"\n{title}")
+    for row in (header, ["-" * width for width in widths], *rows):
+        print("  ".join(str(cell).rjust(width) for cell, width in zip(row, widths)))
+
+
+def device_and_dtype(device: str) -> tuple[str, torch.dtype]:
+    """bf16 on GPUs (where SDPA/flash attention apply), fp32 on CPU."""
+    return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
