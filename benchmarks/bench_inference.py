@@ -8,7 +8,6 @@ Resampler; LLaVA spends one per patch (196 for ViT-B/16 at 224 px, 576 for ViT-L
 realistic shapes: `--size cpu` is a ~100M-parameter Llama with ViT-B/16, `--size 7b` Llama-2-7B with ViT-L/14-336.
 """
 
-import argparse
 import json
 import statistics
 import time
@@ -17,10 +16,10 @@ import torch
 
 from common import (
     IMAGE_TOKEN_ID,
-    ROOT,
     build_models,
     device_and_dtype,
     median_seconds,
+    parse_args,
     peak_memory_bytes,
     print_table,
     synchronize,
@@ -77,16 +76,10 @@ def decode_ratio(anymal, bare, inputs, text_only, steps: int, device: str, round
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and new tokens (CPU smoke run)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on cuda)")
-    parser.add_argument("--size", default=None, choices=["cpu", "7b"], help="model shapes (default: by device)")
-    parser.add_argument("--image_tokens", type=int, default=64, help="AnyMAL tokens per image")
-    parser.add_argument("--text_tokens", type=int, default=32, help="text tokens in every prompt")
-    parser.add_argument("--output", default=str(ROOT / "inference.json"), help="where to write the JSON results")
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__, "inference.json", argv, image_tokens=(int, 64, "AnyMAL tokens per image"),
+                      text_tokens=(int, 32, "text tokens in every prompt"))
     device, dtype = device_and_dtype(args.device)
-    size = args.size or ("7b" if device.startswith("cuda") else "cpu")
+    size = args.size
     repeats, decode_steps = (1, 16) if args.quick else (5, 64)
     anymal, llava, bare = build_models(size, device, dtype, args.image_tokens)
     image_size, patch = anymal.config.image_config.image_size, anymal.config.image_config.patch_size

@@ -8,7 +8,6 @@ to CLAP's 48 kHz) and 10 s of 100 Hz IMU readings (resampled to 200 Hz). The mod
 shapes) or ViT-L/14-336 (7b shapes), CLAP's HTSAT audio tower and the IMU encoder, each with its projector.
 """
 
-import argparse
 import json
 
 import numpy as np
@@ -17,7 +16,7 @@ from PIL import Image
 
 from transformers_anymal import MODALITIES, AnyMALForConditionalGeneration
 
-from common import ROOT, anymal_config, device_and_dtype, median_seconds, print_table, processor_for
+from common import anymal_config, device_and_dtype, median_seconds, parse_args, print_table, processor_for
 
 
 def raw_items(name: str, count: int, rng) -> tuple[list, dict]:
@@ -47,14 +46,9 @@ def rates(name: str, model, processor, batch_size: int, repeats: int, device: st
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small batches, few repeats (CPU smoke run)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on cuda)")
-    parser.add_argument("--size", default=None, choices=["cpu", "7b"], help="model shapes (default: by device)")
-    parser.add_argument("--output", default=str(ROOT / "processor.json"), help="where to write the JSON results")
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__, "processor.json", argv)
     device, dtype = device_and_dtype(args.device)
-    size = args.size or ("7b" if device.startswith("cuda") else "cpu")
+    size = args.size
     batch_size, repeats = (4, 2) if args.quick else (16, 5)
     torch.manual_seed(0)
     config = anymal_config(size, num_frames=8, audio_config={"model_type": "clap_audio_model"}, audio_token_id=386,

@@ -9,7 +9,6 @@ caching recovers. Images and 8-frame videos are measured separately. Stage 2 com
 with QLoRA on a 4-bit one (bitsandbytes).
 """
 
-import argparse
 import json
 import tempfile
 
@@ -23,7 +22,15 @@ from trl import ModelConfig
 from transformers_anymal import MODALITIES, AnyMALDataCollator, AnyMALForConditionalGeneration
 from transformers_anymal.training_anymal import lora_config
 
-from common import ROOT, anymal_config, device_and_dtype, median_seconds, peak_memory_bytes, print_table, processor_for
+from common import (
+    anymal_config,
+    device_and_dtype,
+    median_seconds,
+    parse_args,
+    peak_memory_bytes,
+    print_table,
+    processor_for,
+)
 
 
 def rows(kind: str, count: int, rng) -> list[dict]:
@@ -86,14 +93,9 @@ def stage2(model_dir: str, processor, device, batch_size: int, repeats: int, qua
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small batches, few repeats (CPU smoke run)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--size", default=None, choices=["cpu", "7b"], help="model shapes (default: by device)")
-    parser.add_argument("--output", default=str(ROOT / "training.json"), help="where to write the JSON results")
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__, "training.json", argv)
     device, _ = device_and_dtype(args.device)
-    size = args.size or ("7b" if device.startswith("cuda") else "cpu")
+    size = args.size
     batch_size, repeats = (2, 1) if args.quick else (8, 5)
     torch.manual_seed(0)
     config = anymal_config(size, num_frames=8)

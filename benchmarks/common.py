@@ -1,5 +1,6 @@
 """Shared by the benchmark scripts: model shapes, timing, peak memory and result tables."""
 
+import argparse
 import ctypes
 import statistics
 import threading
@@ -128,6 +129,21 @@ def print_table(title: str, header: list[str], rows: list[list]):
     print(f"\n{title}")
     for row in (header, ["-" * width for width in widths], *rows):
         print("  ".join(str(cell).rjust(width) for cell, width in zip(row, widths)))
+
+
+def parse_args(description: str, output_name: str, argv=None, **extra_options):
+    """The options every benchmark takes: --quick, --device, --size, --output, plus `extra_options`
+    (name -> (type, default, help))."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small batches, few repeats (CPU smoke run)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on cuda)")
+    parser.add_argument("--size", default=None, choices=["cpu", "7b"], help="model shapes (default: by device)")
+    parser.add_argument("--output", default=str(ROOT / output_name), help="where to write the JSON results")
+    for name, (kind, default, help_text) in extra_options.items():
+        parser.add_argument(f"--{name}", type=kind, default=default, help=help_text)
+    args = parser.parse_args(argv)
+    args.size = args.size or ("7b" if args.device.startswith("cuda") else "cpu")
+    return args
 
 
 def device_and_dtype(device: str) -> tuple[str, torch.dtype]:
