@@ -202,6 +202,10 @@ def test_set_trainable_freezes_by_part():
         has_grad = parameter.grad is not None and bool(parameter.grad.abs().sum() > 0)
         assert has_grad == (".projectors." in name), name
 
+    model.train()  # frozen encoders stay in eval mode: CLAP's BatchNorm statistics must not drift
+    assert not any(encoder.training for encoder in model.model.encoders.values())
+    assert model.model.projectors["image"].training and model.model.language_model.training
+
     counts = model.set_trainable(language_model=True, encoders=["imu"], projectors=["audio"])
     assert counts["language_model"] > 0 and counts["encoders.imu"] > 0 and counts["encoders.image"] == 0
     assert counts["projectors.audio"] > 0 and counts["projectors.image"] == 0
