@@ -98,6 +98,12 @@ def test_a_modality_the_model_lacks_is_named(checkpoint, tmp_path):
         without_imu(image_and_imu_chat(), max_new_tokens=2)
 
 
+def test_a_checkpoint_without_processor_files_is_named(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    with pytest.raises(OSError, match="Cannot load an AnyMALProcessor from .* it needs processor_config.json"):
+        pipeline("any-to-text", model=str(tmp_path))
+
+
 def test_an_unknown_content_type_is_named(pipe):
     with pytest.raises(ValueError, match="unknown content type 'smell'"):
         pipe([{"role": "user", "content": [{"type": "smell", "smell": "roses"}]}], max_new_tokens=2)

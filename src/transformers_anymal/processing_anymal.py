@@ -321,6 +321,18 @@ class AnyMALProcessor(ProcessorMixin):
         imu = collected["imu"] if any(collected["imu"]) else None
         return collected["image"], collected["video"], audio if any(audio) else [], {"imu": imu}
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except OSError as error:
+            raise OSError(
+                f"Cannot load an AnyMALProcessor from {str(pretrained_model_name_or_path)!r}: it needs "
+                f"processor_config.json, the tokenizer files and chat_template.jinja. Save them with "
+                f"processor.save_pretrained(...) next to the model, or build the checkpoint with "
+                f"examples/build_anymal.py. ({error})"
+            ) from error
+
     @staticmethod
     def get_possibly_dynamic_module(module_name):
         # the sub-processors defined here resolve without Auto-class registration (and trust_remote_code works)
