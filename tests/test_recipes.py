@@ -97,8 +97,10 @@ def test_instruction_tuning_trains_adapters_and_projectors(setup, tmp_path):
         assert torch.allclose(tuned(**inputs).logits, merged(**inputs).logits, atol=1e-5)
 
 
-def test_qlora_instruction_tuning(setup, tmp_path):
-    recipe("sft.py", setup, tmp_path, "--max_steps", 2, "--load_in_4bit", "--merge")
+def test_qlora_instruction_tuning_from_a_yaml_config(setup, tmp_path):
+    (tmp_path / "recipe.yaml").write_text("max_steps: 2\nload_in_4bit: true\nlora_r: 4\nmerge: true\n")
+    recipe("sft.py", setup, tmp_path, "--config", tmp_path / "recipe.yaml")
+    assert '"r": 4' in (tmp_path / "adapter_config.json").read_text()
     merged = AutoModelForMultimodalLM.from_pretrained(tmp_path / "merged")
     assert not getattr(merged, "is_quantized", False)  # merged onto the full-precision base
     assert changed_parameters(setup["base"], merged)
