@@ -107,6 +107,7 @@ def make_chat_dataset(path, rows: int = 16, seed: int = 0):
         kind = list(ANSWERS)[index % len(ANSWERS)]
         blocks = [{"type": "image"}] * (kind in ("image", "both")) + [{"type": "imu"}] * (kind in ("imu", "both"))
         records.append({
+            "kind": kind,
             "messages": [{"role": "user", "content": [*blocks, {"type": "text", "text": "What is it?"}]},
                          {"role": "assistant", "content": [{"type": "text", "text": ANSWERS[kind]}]}],
             "images": [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))] * (kind in ("image", "both")),

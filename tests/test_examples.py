@@ -21,7 +21,7 @@ def test_demo_runs_on_the_tiny_config():
 
 
 def test_example_scripts_document_their_options():
-    for script in ("demo.py", "convert_imu2clip_checkpoint.py", "cache_features.py"):
+    for script in ("demo.py", "convert_imu2clip_checkpoint.py", "cache_features.py", "evaluate.py"):
         assert "usage:" in run(script, "--help").stdout
 
 
@@ -30,3 +30,23 @@ def test_benchmarks_document_their_options():
         result = subprocess.run([sys.executable, TINY.parents[1] / "benchmarks" / script, "--help"], capture_output=True,
                                 text=True, check=True, timeout=120)
         assert "--quick" in result.stdout and "--device" in result.stdout
+
+
+def test_evaluate_writes_a_report_per_group(tmp_path):
+    import json
+
+    from transformers import AutoProcessor
+
+    from anymal_tester import ANSWERS, make_chat_dataset, tiny_model
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    AutoProcessor.from_pretrained(TINY).save_pretrained(tmp_path / "model")
+    data = make_chat_dataset(tmp_path / "data", rows=8)
+    run("evaluate.py", "--model_name_or_path", tmp_path / "model", "--dataset_name", data, "--dataset_from_disk",
+        "--split", "train", "--output_dir", tmp_path / "eval", "--imu_sampling_rate", "100", "--max_new_tokens", "3",
+        "--batch_size", "3", "--group_by", "kind")
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["overall"]["count"] == 8 and set(report["by_kind"]) == set(ANSWERS)
+    assert all(report["by_kind"][kind]["count"] == 2 for kind in ANSWERS)
+    assert {"bleu4", "rouge_l", "cider_d", "vqa_accuracy", "exact_match"} <= set(report["overall"])
+    assert sorted(sample["references"][0] for sample in report["samples"]) == sorted(list(ANSWERS.values()) * 2)
