@@ -17,7 +17,6 @@ import torch
 from common import (
     IMAGE_TOKEN_ID,
     build_models,
-    device_and_dtype,
     median_seconds,
     parse_args,
     peak_memory_bytes,
@@ -78,8 +77,7 @@ def decode_ratio(anymal, bare, inputs, text_only, steps: int, device: str, round
 def main(argv=None) -> dict:
     args = parse_args(__doc__, "inference.json", argv, image_tokens=(int, 64, "AnyMAL tokens per image"),
                       text_tokens=(int, 32, "text tokens in every prompt"))
-    device, dtype = device_and_dtype(args.device)
-    size = args.size
+    device, dtype, size = args.device, args.dtype, args.size
     repeats, decode_steps = (1, 16) if args.quick else (5, 64)
     anymal, llava, bare = build_models(size, device, dtype, args.image_tokens)
     image_size, patch = anymal.config.image_config.image_size, anymal.config.image_config.patch_size

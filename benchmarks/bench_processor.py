@@ -16,7 +16,7 @@ from PIL import Image
 
 from transformers_anymal import MODALITIES, AnyMALForConditionalGeneration
 
-from common import anymal_config, device_and_dtype, median_seconds, parse_args, print_table, processor_for
+from common import AUDIO_TOKEN_ID, IMU_TOKEN_ID, anymal_config, median_seconds, parse_args, print_table, processor_for
 
 
 def raw_items(name: str, count: int, rng) -> tuple[list, dict]:
@@ -47,12 +47,11 @@ def rates(name: str, model, processor, batch_size: int, repeats: int, device: st
 
 def main(argv=None) -> dict:
     args = parse_args(__doc__, "processor.json", argv)
-    device, dtype = device_and_dtype(args.device)
-    size = args.size
+    device, dtype, size = args.device, args.dtype, args.size
     batch_size, repeats = (4, 2) if args.quick else (16, 5)
     torch.manual_seed(0)
-    config = anymal_config(size, num_frames=8, audio_config={"model_type": "clap_audio_model"}, audio_token_id=386,
-                           imu_config={}, imu_token_id=387)
+    config = anymal_config(size, num_frames=8, audio_config={"model_type": "clap_audio_model"}, audio_token_id=AUDIO_TOKEN_ID,
+                           imu_config={}, imu_token_id=IMU_TOKEN_ID)
     model = AnyMALForConditionalGeneration(config).to(device, dtype).eval()
     processor = processor_for(config)
 

@@ -24,7 +24,6 @@ from transformers_anymal.training_anymal import lora_config
 
 from common import (
     anymal_config,
-    device_and_dtype,
     median_seconds,
     parse_args,
     peak_memory_bytes,
@@ -94,8 +93,7 @@ def stage2(model_dir: str, processor, device, batch_size: int, repeats: int, qua
 
 def main(argv=None) -> dict:
     args = parse_args(__doc__, "training.json", argv)
-    device, _ = device_and_dtype(args.device)
-    size = args.size
+    device, size = args.device, args.size
     batch_size, repeats = (2, 1) if args.quick else (8, 5)
     torch.manual_seed(0)
     config = anymal_config(size, num_frames=8)

@@ -142,10 +142,7 @@ def parse_args(description: str, output_name: str, argv=None, **extra_options):
     for name, (kind, default, help_text) in extra_options.items():
         parser.add_argument(f"--{name}", type=kind, default=default, help=help_text)
     args = parser.parse_args(argv)
-    args.size = args.size or ("7b" if args.device.startswith("cuda") else "cpu")
+    on_gpu = args.device.startswith("cuda")
+    args.size = args.size or ("7b" if on_gpu else "cpu")
+    args.dtype = torch.bfloat16 if on_gpu else torch.float32  # bf16 where SDPA/flash attention apply
     return args
-
-
-def device_and_dtype(device: str) -> tuple[str, torch.dtype]:
-    """bf16 on GPUs (where SDPA/flash attention apply), fp32 on CPU."""
-    return device, torch.bfloat16 if device.startswith("cuda") else torch.float32

@@ -10,18 +10,18 @@ the projectors train as PEFT modules (checkpoints hold only them, which resume r
 full-precision base.
 """
 
-from datasets import load_dataset, load_from_disk
 from trl import ModelConfig, SFTTrainer
 
 from transformers_anymal import AnyMALDataCollator
 from transformers_anymal.training_anymal import (
     AnyMALScriptArguments,
     AnyMALSFTConfig,
-    checksum,
+    load_dataset_dict,
     load_model_and_processor,
     parse_recipe_args,
     projector_tuning_config,
     save_aligned,
+    train,
 )
 
 
@@ -30,9 +30,11 @@ def main(script_args, training_args, model_args):
     counts = model.set_trainable(language_model=False, encoders=False, projectors=True)
     print(f"trainable parameters by part: {counts}")
     quantized = getattr(model, "is_quantized", False)
+    push_to_hub = training_args.push_to_hub
+    if quantized:  # the Trainer would push PEFT's projector copies; the full-precision result is pushed at the end
+        training_args.push_to_hub = False
 
-    load = load_from_disk if script_args.dataset_from_disk else load_dataset
-    dataset = load(script_args.dataset_name, **({} if script_args.dataset_from_disk else {"name": script_args.dataset_config}))
+    dataset = load_dataset_dict(script_args.dataset_name, script_args.dataset_from_disk, script_args.dataset_config)
     collator = AnyMALDataCollator(processor, imu_sampling_rate=script_args.imu_sampling_rate)
     collator.check_dataset(dataset[script_args.dataset_train_split], model.config.modalities, name="train split")
 
@@ -44,15 +46,17 @@ def main(script_args, training_args, model_args):
         processing_class=processor,
         peft_config=projector_tuning_config(model) if quantized else None,  # the Trainer wants PEFT on 4/8-bit
     )
-    resume = training_args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
-    print(f"rank {trainer.accelerator.process_index}: trainable weights {checksum(trainer.model)}")
+    train(trainer, training_args)
     if not quantized:
         trainer.save_model(training_args.output_dir)
-    elif trainer.accelerator.is_main_process:  # the full-precision base with the trained projectors
-        save_aligned(model_args, trainer.model, training_args.output_dir, processor)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        if training_args.push_to_hub:
+            trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    elif trainer.accelerator.is_main_process:  # the full-precision base with the trained projectors, not PEFT's copies
+        aligned = save_aligned(model_args, trainer.model, training_args.output_dir, processor)
+        if push_to_hub:
+            repo_id = training_args.hub_model_id or training_args.output_dir.rstrip("/").split("/")[-1]
+            aligned.push_to_hub(repo_id, datasets=[script_args.dataset_name], training_stages=["alignment: projectors"])
+            processor.push_to_hub(repo_id)
 
 
 if __name__ == "__main__":

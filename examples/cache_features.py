@@ -13,12 +13,11 @@ encoders give before the projectors, so the projectors still train. Written with
 import argparse
 
 import torch
-from datasets import load_dataset, load_from_disk
-from tqdm.auto import tqdm
 from transformers import AutoModelForMultimodalLM, AutoProcessor
 
 from transformers_anymal import MODALITIES, AnyMALDataCollator
 from transformers_anymal.collator_anymal import COLUMNS
+from transformers_anymal.training_anymal import load_dataset_dict
 
 
 def main():
@@ -29,16 +28,15 @@ def main():
     parser.add_argument("--dataset_config", help="dataset configuration name")
     parser.add_argument("--output_dir", required=True, help="where to save_to_disk the dataset with features")
     parser.add_argument("--imu_sampling_rate", type=int, help="rate (Hz) of IMU columns that don't say")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="precision of the stored features")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                        help="precision the features are stored in")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     model = AutoModelForMultimodalLM.from_pretrained(args.model_name_or_path).to(args.device).eval()
     collator = AnyMALDataCollator(processor, imu_sampling_rate=args.imu_sampling_rate)
-    dataset = (load_from_disk(args.dataset_name) if args.dataset_from_disk
-               else load_dataset(args.dataset_name, name=args.dataset_config))
+    dataset = load_dataset_dict(args.dataset_name, args.dataset_from_disk, args.dataset_config)
     names = model.config.modalities
 
     @torch.inference_mode()
@@ -48,17 +46,12 @@ def main():
         for name in names:
             values = inputs.get(MODALITIES[name].input_name)
             encoded = model.model.encode(name, values.to(args.device)) if values is not None else values
-            features[f"{name}_features"] = [] if encoded is None else list(encoded.to(getattr(torch, args.dtype)).float().cpu().numpy())
+            features[f"{name}_features"] = [] if encoded is None else list(encoded.cpu().numpy().astype(args.dtype))
         return features
 
     for split, rows in dataset.items():
         media = [column for name in names for column in COLUMNS[name] if column in rows.column_names]
-        with tqdm(total=len(rows), desc=f"encoding {split}") as progress:
-            def encode_and_count(row, index):
-                progress.update()
-                return encode(row, index)
-
-            dataset[split] = rows.map(encode_and_count, with_indices=True, remove_columns=media)
+        dataset[split] = rows.map(encode, with_indices=True, remove_columns=media, desc=f"encoding {split}")
     dataset.save_to_disk(args.output_dir)
     print(f"Saved {', '.join(f'{split}: {len(rows)} rows' for split, rows in dataset.items())} to {args.output_dir}")
 

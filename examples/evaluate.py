@@ -15,12 +15,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from datasets import load_dataset, load_from_disk
 from tqdm.auto import tqdm
 from transformers import AutoModelForMultimodalLM, AutoProcessor
 
 from transformers_anymal import AnyMALDataCollator
 from transformers_anymal.metrics_anymal import caption_metrics, multiple_choice_accuracy, vqa_accuracy
+from transformers_anymal.training_anymal import load_dataset_dict
 
 
 def parse_args(argv=None):
@@ -51,8 +51,7 @@ def main(argv=None):
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     model = AutoModelForMultimodalLM.from_pretrained(args.model_name_or_path).to(args.device).eval()
     collator = AnyMALDataCollator(processor, imu_sampling_rate=args.imu_sampling_rate)
-    dataset = (load_from_disk(args.dataset_name) if args.dataset_from_disk
-               else load_dataset(args.dataset_name, name=args.dataset_config))[args.split]
+    dataset = load_dataset_dict(args.dataset_name, args.dataset_from_disk, args.dataset_config)[args.split]
     collator.check_dataset(dataset, model.config.modalities, name=f"{args.split} split")
 
     samples = []

@@ -12,18 +12,18 @@ them onto the base in one call); --merge also writes <output_dir>/merged, a plai
 
 from dataclasses import dataclass, field
 
-from datasets import load_dataset, load_from_disk
 from trl import ModelConfig, SFTTrainer
 
 from transformers_anymal import AnyMALDataCollator
 from transformers_anymal.training_anymal import (
     AnyMALScriptArguments,
     AnyMALSFTConfig,
-    checksum,
+    load_dataset_dict,
     load_model_and_processor,
     lora_config,
     parse_recipe_args,
     save_merged,
+    train,
 )
 
 
@@ -43,8 +43,7 @@ def main(script_args, training_args, model_args):
         raise ValueError("A 4-bit/8-bit language model cannot be trained in full: keep --use_peft (QLoRA).")
     model.set_trainable(language_model=not model_args.use_peft, encoders=False, projectors=True)
 
-    load = load_from_disk if script_args.dataset_from_disk else load_dataset
-    dataset = load(script_args.dataset_name, **({} if script_args.dataset_from_disk else {"name": script_args.dataset_config}))
+    dataset = load_dataset_dict(script_args.dataset_name, script_args.dataset_from_disk, script_args.dataset_config)
     collator = AnyMALDataCollator(processor, imu_sampling_rate=script_args.imu_sampling_rate)
     splits = {"train": script_args.dataset_train_split}
     if training_args.eval_strategy != "no":
@@ -61,10 +60,8 @@ def main(script_args, training_args, model_args):
         processing_class=processor,
         peft_config=lora_config(model, model_args) if model_args.use_peft else None,
     )
-    resume = training_args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    train(trainer, training_args)
     trainer.save_model(training_args.output_dir)
-    print(f"rank {trainer.accelerator.process_index}: trainable weights {checksum(trainer.model)}")
     if script_args.merge and trainer.accelerator.is_main_process:
         save_merged(model_args, training_args.output_dir, f"{training_args.output_dir}/merged", processor)
     if training_args.push_to_hub:

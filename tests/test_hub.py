@@ -8,6 +8,9 @@ import sys
 import textwrap
 
 import pytest
+import torch
+from safetensors.torch import load as load_file_bytes
+from safetensors.torch import load_file
 
 from anymal_tester import TINY
 from hub_server import HubServer
@@ -153,3 +156,27 @@ print("loaded", type(model).__name__)
 """.replace("ADAPTER", repr(str(tmp_path / "sft" / "adapter_model.safetensors")))
     loaded = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0 and "loaded AnyMALForConditionalGeneration" in loaded.stdout, loaded.stderr[-3000:]
+
+
+def test_4bit_alignment_pushes_the_full_precision_result(hub, tmp_path):
+    from transformers import AutoProcessor
+
+    from anymal_tester import make_chat_dataset, tiny_model
+
+    server, env, _ = hub
+    tiny_model().save_pretrained(tmp_path / "base")
+    AutoProcessor.from_pretrained(TINY).save_pretrained(tmp_path / "base")
+    trained = subprocess.run(
+        [sys.executable, str(TINY.parents[1] / "examples" / "align.py"), "--model_name_or_path", str(tmp_path / "base"),
+         "--dataset_name", make_chat_dataset(tmp_path / "data"), "--dataset_from_disk", "--imu_sampling_rate", "100",
+         "--output_dir", str(tmp_path / "aligned"), "--max_steps", "2", "--load_in_4bit", "--use_cpu", "--bf16",
+         "false", "--report_to", "none", "--push_to_hub", "--hub_model_id", "tester/anymal-aligned"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    files = server.repos["tester/anymal-aligned"]
+    assert "model.safetensors" in files and "adapter_config.json" not in files  # PEFT's copies stay local
+    pushed = load_file_bytes(files["model.safetensors"])
+    local = load_file(str(tmp_path / "aligned" / "model.safetensors"))
+    assert pushed.keys() == local.keys() and all(torch.equal(pushed[key], local[key]) for key in local)
+    card = files["README.md"].decode()
+    assert "alignment: projectors" in card and str(tmp_path) not in card  # a local dataset path is no Hub dataset

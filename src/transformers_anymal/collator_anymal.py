@@ -11,7 +11,7 @@ from .processing_anymal import ARGUMENTS, BLOCK_KEYS, AnyMALProcessor, EncoderFe
 
 # dataset columns that hold the items of bare blocks such as {"type": "image"}: a list per row (TRL's `images`)
 # under the plural name, one item per row under the singular
-COLUMNS = {name: (f"{name}s", name) for name in ("image", "video", "audio", "imu")}
+COLUMNS = {name: (f"{name}s", name) for name in ARGUMENTS}
 
 
 @dataclass
@@ -22,8 +22,7 @@ class AnyMALDataCollator:
     A row holds a chat, as `messages` or as `prompt` + `completion` (TRL's conversational format). Media blocks carry
     their item (`{"type": "image", "image": ...}`) or are bare (`{"type": "image"}`) and take the row's next item
     from its media columns: `images`, `videos`, `audios`, `imus` hold a list per row, `image`, `video`, `audio`, `imu`
-    one item per row. Audio may be arrays with a
-    `sampling_rate`, datasets `Audio` values or paths; IMU recordings take their rate from the block, the row's
+    one item per row. Audio may be arrays with a `sampling_rate`, datasets `Audio` values or paths; IMU recordings take their rate from the block, the row's
     `imu_sampling_rate` column or `imu_sampling_rate` here. Rows in a batch may carry different modalities.
 
     Rows written by `examples/cache_features.py` hold each item's frozen-encoder features in `<modality>_features`

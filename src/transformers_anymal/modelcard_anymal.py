@@ -22,6 +22,7 @@ def anymal_model_card(
 ) -> ModelCard:
     """A card with Hub metadata, the modalities (encoder, projector, tokens per item), usage and training."""
     encoders = {name: config.get_encoder_config(name) for name in config.modalities}
+    datasets = [dataset for dataset in datasets or [] if not os.path.exists(dataset)]  # Hub datasets, not local paths
     base_models = [hub_id for part in (config.text_config, *encoders.values()) if (hub_id := _hub_id(part))]
     data = ModelCardData(
         library_name="transformers",

@@ -2,11 +2,13 @@
 stages. Not part of the model's code, so checkpoints loaded with `trust_remote_code` never need it."""
 
 import argparse
+import hashlib
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from accelerate import PartialState
+from datasets import load_dataset, load_from_disk
 from peft import LNTuningConfig, LoraConfig, PeftModel
 from torch import nn
 from transformers import AutoModelForMultimodalLM, AutoProcessor
@@ -42,20 +44,38 @@ def parse_recipe_args(dataclasses: tuple, description: str) -> tuple:
     return tuple(parser.parse_args_and_config())[: len(dataclasses)]
 
 
+def load_dataset_dict(name: str, from_disk: bool = False, config: str | None = None):
+    """The recipes' and scripts' datasets: `load_from_disk(name)`, or `load_dataset(name, config)`."""
+    return load_from_disk(name) if from_disk else load_dataset(name, name=config)
+
+
+def load_base_model(model_args: ModelConfig, **kwargs) -> AnyMALForConditionalGeneration:
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    return AutoModelForMultimodalLM.from_pretrained(
+        model_args.model_name_or_path, dtype=dtype, revision=model_args.model_revision, **kwargs
+    )
+
+
 def load_model_and_processor(model_args: ModelConfig) -> tuple[AnyMALForConditionalGeneration, AutoProcessor]:
     """The checkpoint with its language model quantized when `--load_in_4bit`/`--load_in_8bit` asks for it."""
     quantization_config = get_quantization_config(model_args)
-    model = AutoModelForMultimodalLM.from_pretrained(
-        model_args.model_name_or_path,
-        dtype=model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype),
+    model = load_base_model(
+        model_args,
         quantization_config=quantization_config,
         # each process keeps its whole quantized model on its own GPU
         device_map={"": PartialState().local_process_index} if quantization_config and torch.cuda.is_available() else None,
-        revision=model_args.model_revision,
         attn_implementation=model_args.attn_implementation,
     )
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
     return model, processor
+
+
+def train(trainer, training_args) -> None:
+    """`trainer.train()`, resuming from the newest checkpoint for `--resume_from_checkpoint last`; then prints a
+    digest of each rank's trainable weights (equal on every rank of a healthy distributed run)."""
+    resume = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    print(f"rank {trainer.accelerator.process_index}: trainable weights {checksum(trainer.model)}")
 
 
 def projector_tuning_config(model: AnyMALForConditionalGeneration) -> LNTuningConfig:
@@ -87,32 +107,25 @@ def _projector_names(model) -> list[str]:
 
 def save_merged(model_args: ModelConfig, adapter_dir: str, output_dir: str, processor) -> None:
     """Applies the trained adapters to the full-precision base and writes a plain checkpoint."""
-    base = AutoModelForMultimodalLM.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision,
-        dtype=model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype),
-    )
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged = PeftModel.from_pretrained(load_base_model(model_args), adapter_dir).merge_and_unload()
     merged.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
 
 
-def save_aligned(model_args: ModelConfig, trained: nn.Module, output_dir: str, processor) -> None:
-    """Stage 1's result from a run on a quantized LLM: the full-precision base with the trained projectors."""
-    base = AutoModelForMultimodalLM.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision,
-        dtype=model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype),
-    )
+def save_aligned(model_args: ModelConfig, trained: nn.Module, output_dir: str, processor):
+    """Stage 1's result from a run on a quantized LLM: the full-precision base with the trained projectors,
+    saved and returned."""
+    base = load_base_model(model_args)
     for name, projector in trained.get_base_model().model.projectors.items():
-        projector = projector.ln_tuning_layers["default"]  # the trained copy PEFT kept next to the original
-        base.model.projectors[name].load_state_dict({k: v.to(torch.float32) for k, v in projector.state_dict().items()})
+        # the trained copy PEFT kept next to the original; load_state_dict casts it to the base's dtype
+        base.model.projectors[name].load_state_dict(projector.ln_tuning_layers["default"].state_dict())
     base.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
+    return base
 
 
 def checksum(model: nn.Module) -> str:
     """A short digest of the trainable weights, to compare ranks or runs."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name, parameter in sorted(model.named_parameters()):
         if parameter.requires_grad:
