@@ -75,7 +75,7 @@ def train(trainer, training_args) -> None:
     digest of each rank's trainable weights (equal on every rank of a healthy distributed run)."""
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
-    print(f"rank {trainer.accelerator.process_index}: trainable weights {checksum(trainer.model)}")
+    print(f"rank {trainer.accelerator.process_index}: trainable weights {checksum(trainer.model)}", flush=True)
 
 
 def projector_tuning_config(model: AnyMALForConditionalGeneration) -> LNTuningConfig:
