@@ -59,5 +59,9 @@ def main(script_args, training_args, model_args):
             processor.push_to_hub(repo_id)
 
 
+def cli(argv: list[str] | None = None):
+    main(*parse_recipe_args((AnyMALScriptArguments, AnyMALSFTConfig, ModelConfig), __doc__, argv))
+
+
 if __name__ == "__main__":
-    main(*parse_recipe_args((AnyMALScriptArguments, AnyMALSFTConfig, ModelConfig), __doc__))
+    cli()

@@ -13,6 +13,7 @@ encoders give before the projectors, so the projectors still train. Written with
 import argparse
 
 import torch
+from datasets import Features, List, Value
 from transformers import AutoModelForMultimodalLM, AutoProcessor
 
 from transformers_anymal import MODALITIES, AnyMALDataCollator
@@ -20,7 +21,7 @@ from transformers_anymal.collator_anymal import COLUMNS
 from transformers_anymal.training_anymal import load_dataset_dict
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="AnyMAL checkpoint whose encoders to run")
     parser.add_argument("--dataset_name", required=True, help="Hub dataset or local path")
@@ -31,7 +32,7 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                         help="precision the features are stored in")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     model = AutoModelForMultimodalLM.from_pretrained(args.model_name_or_path).to(args.device).eval()
@@ -51,9 +52,24 @@ def main():
 
     for split, rows in dataset.items():
         media = [column for name in names for column in COLUMNS[name] if column in rows.column_names]
-        dataset[split] = rows.map(encode, with_indices=True, remove_columns=media, desc=f"encoding {split}")
+        features = Features({**{column: kind for column, kind in rows.features.items() if column not in media},
+                             **{f"{name}_features": feature_type(name, args.dtype) for name in names}})
+        dataset[split] = rows.map(encode, with_indices=True, remove_columns=media, features=features,
+                                  desc=f"encoding {split}")
     dataset.save_to_disk(args.output_dir)
     print(f"Saved {', '.join(f'{split}: {len(rows)} rows' for split, rows in dataset.items())} to {args.output_dir}")
+
+
+def feature_type(name: str, dtype: str) -> List:
+    """A list (one entry per item) of what `encode` gives per item: a vector for linear projectors, a sequence of
+    vectors for Perceiver ones, one sequence per frame for video. Declared up front, since a row without items of a
+    modality would otherwise fix the column's type."""
+    spec = MODALITIES[name]
+    depth = 1 + (spec.projector == "perceiver") + spec.has_frames
+    feature = Value(dtype)
+    for _ in range(depth + 1):
+        feature = List(feature)
+    return feature
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForMultimodalLM, AutoProcessor
 
-from transformers_anymal import AnyMALDataCollator
+from transformers_anymal import MODALITIES, AnyMALDataCollator
 from transformers_anymal.metrics_anymal import caption_metrics, multiple_choice_accuracy, vqa_accuracy
 from transformers_anymal.training_anymal import load_dataset_dict
 
@@ -35,6 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=32, help="longest answer generated")
     parser.add_argument("--imu_sampling_rate", type=int, help="rate (Hz) of IMU columns that don't say")
     parser.add_argument("--group_by", help="a column whose values get metrics of their own, e.g. the modality")
+    parser.add_argument("--zero_inputs", action="store_true",
+                        help="ablation: replace every modality input by zeros (accuracy should fall to chance)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -61,6 +63,10 @@ def main(argv=None):
         prompts = [chat[:-1] if chat[-1]["role"] == "assistant" else chat for chat in chats]
         inputs = processor.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                processor_kwargs={"padding_side": "left"}).to(args.device)
+        if args.zero_inputs:
+            for spec in MODALITIES.values():
+                if spec.input_name in inputs:
+                    inputs[spec.input_name] = torch.zeros_like(inputs[spec.input_name])
         with torch.inference_mode():
             generated = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
         answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -72,6 +78,7 @@ def main(argv=None):
                             **({"group": row[args.group_by]} if args.group_by else {})})
 
     report = {"model": args.model_name_or_path, "dataset": args.dataset_name, "split": args.split,
+              "zero_inputs": args.zero_inputs,
               "overall": score([s["prediction"] for s in samples], [s["references"] for s in samples])}
     if args.group_by:
         groups = defaultdict(list)

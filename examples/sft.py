@@ -10,6 +10,7 @@ AnyMALDataCollator. <output_dir> holds the adapters and projectors (AutoModelFor
 them onto the base in one call); --merge also writes <output_dir>/merged, a plain full checkpoint.
 """
 
+import sys
 from dataclasses import dataclass, field
 
 from trl import ModelConfig, SFTTrainer
@@ -68,5 +69,14 @@ def main(script_args, training_args, model_args):
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
 
 
+def cli(argv: list[str] | None = None):
+    main(*parse_recipe_args((SFTScriptArguments, AnyMALSFTConfig, AnyMALModelConfig), __doc__, argv))
+
+
 if __name__ == "__main__":
-    main(*parse_recipe_args((SFTScriptArguments, AnyMALSFTConfig, AnyMALModelConfig), __doc__))
+    if len(sys.argv) > 1:
+        cli()
+    else:  # no options: the paper's whole recipe at toy scale on bundled data (examples/anymal_demo)
+        from anymal_demo import run_demo
+
+        run_demo()

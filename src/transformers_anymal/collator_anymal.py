@@ -155,6 +155,10 @@ def _decoded(name: str, item):
         return Image.open(io.BytesIO(item["bytes"]))
     if name in ("image", "video") and isinstance(item, dict) and item.get("path"):
         return item["path"]
+    if name == "audio" and isinstance(item, dict) and isinstance(item.get("array"), list):  # a plain struct column
+        return {"array": np.asarray(item["array"], dtype=np.float32), "sampling_rate": item["sampling_rate"]}
+    if name == "video" and isinstance(item, list):  # frames stored as nested lists: (frames, height, width, 3)
+        return np.asarray(item, dtype=np.uint8)
     if name == "imu" and isinstance(item, list):
         return np.asarray(item, dtype=np.float64)
     return item

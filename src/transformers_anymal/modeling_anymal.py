@@ -240,8 +240,8 @@ class AnyMALPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, AnyMALPerceiverResampler):
             init.normal_(module.latents, std=1.0)
-            if module.frame_embeddings is not None:
-                init.normal_(module.frame_embeddings, std=0.02)
+            if module.frame_embeddings is not None:  # as large as the latents, so frame order is visible from the start
+                init.normal_(module.frame_embeddings, std=1.0)
 
     @classmethod
     def from_pretrained(cls, *args, quantization_config=None, **kwargs):

@@ -44,7 +44,8 @@ CHAT_TEMPLATE = (
     "{%- if loop.first and system_message is not none -%}{{ '<<SYS>>\n' ~ system_message ~ '\n<</SYS>>\n\n' }}{%- endif -%}"
     "{{ render(message['content']) | trim ~ ' [/INST]' }}"
     "{%- elif message['role'] == 'assistant' -%}"
-    "{{ ' ' }}{%- generation -%}{{ render(message['content']) | trim ~ ' ' ~ eos_token }}{%- endgeneration -%}"
+    # the space before the answer is part of it: tokenizers merge it into the answer's first token
+    "{%- generation -%}{{ ' ' ~ render(message['content']) | trim ~ ' ' ~ eos_token }}{%- endgeneration -%}"
     "{%- else -%}{{ raise_exception('Unknown role ' ~ message['role'] ~ '; use system, user or assistant') }}"
     "{%- endif -%}"
     "{%- endfor -%}"

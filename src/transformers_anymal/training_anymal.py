@@ -37,11 +37,12 @@ class AnyMALSFTConfig(SFTConfig):
     logging_steps: float = field(default=1, metadata={"help": "Log the loss every this many steps."})
 
 
-def parse_recipe_args(dataclasses: tuple, description: str) -> tuple:
-    """TrlParser, with `--config recipe.yaml` listed in `--help` (TrlParser reads it before parsing)."""
+def parse_recipe_args(dataclasses: tuple, description: str, argv: list[str] | None = None) -> tuple:
+    """TrlParser over `argv` (default: the command line), with `--config recipe.yaml` listed in `--help` (TrlParser
+    reads it before parsing)."""
     parser = TrlParser(dataclasses, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of option values (command-line options override it)")
-    return tuple(parser.parse_args_and_config())[: len(dataclasses)]
+    return tuple(parser.parse_args_and_config(argv))[: len(dataclasses)]
 
 
 def load_dataset_dict(name: str, from_disk: bool = False, config: str | None = None):
