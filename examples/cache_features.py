@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--imu_sampling_rate", type=int, help="rate (Hz) of IMU columns that don't say")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                         help="precision the features are stored in")
+    parser.add_argument("--batch_size", type=int, default=32, help="rows encoded together")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
@@ -41,21 +42,24 @@ def main(argv: list[str] | None = None):
     names = model.config.modalities
 
     @torch.inference_mode()
-    def encode(row, index):
-        inputs = processor.apply_chat_template([collator.chat(row, index)], tokenize=True, return_dict=True)
+    def encode(batch, indices):
+        chats = [collator.chat(dict(zip(batch, values)), index) for values, index in zip(zip(*batch.values()), indices)]
+        inputs = processor.apply_chat_template(chats, tokenize=True, return_dict=True)
         features = {}
-        for name in names:
+        for name in names:  # the batch's items come in row order; each row gets its own back
             values = inputs.get(MODALITIES[name].input_name)
-            encoded = model.model.encode(name, values.to(args.device)) if values is not None else values
-            features[f"{name}_features"] = [] if encoded is None else list(encoded.cpu().numpy().astype(args.dtype))
+            items = iter([] if values is None else model.model.encode(name, values.to(args.device)).cpu().numpy())
+            counts = [sum(block.get("type") == name for message in chat if isinstance(message["content"], list)
+                          for block in message["content"]) for chat in chats]
+            features[f"{name}_features"] = [[next(items).astype(args.dtype) for _ in range(count)] for count in counts]
         return features
 
     for split, rows in dataset.items():
         media = [column for name in names for column in COLUMNS[name] if column in rows.column_names]
         features = Features({**{column: kind for column, kind in rows.features.items() if column not in media},
                              **{f"{name}_features": feature_type(name, args.dtype) for name in names}})
-        dataset[split] = rows.map(encode, with_indices=True, remove_columns=media, features=features,
-                                  desc=f"encoding {split}")
+        dataset[split] = rows.map(encode, with_indices=True, batched=True, batch_size=args.batch_size,
+                                  remove_columns=media, features=features, desc=f"encoding {split}")
     dataset.save_to_disk(args.output_dir)
     print(f"Saved {', '.join(f'{split}: {len(rows)} rows' for split, rows in dataset.items())} to {args.output_dir}")
 

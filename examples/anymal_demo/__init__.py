@@ -63,7 +63,8 @@ def run_demo(output_dir: str = "outputs/anymal-demo", seed: int = 0) -> dict:
     processor.save_pretrained(out / "base")
 
     common = ["--per_device_train_batch_size", "64", "--logging_steps", "25", "--save_strategy", "no", "--report_to",
-              "none", "--seed", str(seed), "--lr_scheduler_type", "cosine", "--warmup_steps", "20"]
+              "none", "--seed", str(seed), "--lr_scheduler_type", "cosine", "--warmup_steps", "20", "--gradient_checkpointing", "false",
+              "--dataloader_num_workers", "1"]
     if not torch.cuda.is_available():
         common += ["--use_cpu", "true", "--bf16", "false"]
     commands = {
@@ -72,11 +73,11 @@ def run_demo(output_dir: str = "outputs/anymal-demo", seed: int = 0) -> dict:
             "--imu_sampling_rate", IMU_SAMPLING_RATE, "--output_dir", out / "features"]),
         "4/6 stage 1, alignment: only the projectors train, on captions": (align.cli, [
             "--model_name_or_path", out / "base", "--dataset_name", out / "features", "--dataset_from_disk",
-            "--dataset_train_split", "align", "--output_dir", out / "aligned", "--num_train_epochs", "3",
+            "--dataset_train_split", "align", "--output_dir", out / "aligned", "--num_train_epochs", "4",
             "--learning_rate", "3e-3", *common]),
         "5/6 stage 2, instruction tuning: LoRA on the language model, projectors": (sft.cli, [
             "--model_name_or_path", out / "aligned", "--dataset_name", out / "features", "--dataset_from_disk",
-            "--dataset_train_split", "sft", "--output_dir", out / "instructed", "--num_train_epochs", "2",
+            "--dataset_train_split", "sft", "--output_dir", out / "instructed", "--num_train_epochs", "3",
             "--learning_rate", "2e-3", "--lora_r", "16", "--lora_alpha", "32", "--merge", *common]),
     }
     for title, (command, argv) in commands.items():

@@ -99,7 +99,7 @@ def load_media(seed: int = 0) -> dict:
 
 
 def build_demo_dataset(seed: int = 0, videos_per_split: dict | None = None, audio_copies: int = 3,
-                       imu_copies: int = 24, captions_in_sft: float = 0.25) -> DatasetDict:
+                       imu_copies: int = 16, captions_in_sft: float = 0.25) -> DatasetDict:
     """The demo's DatasetDict: `align`, `sft`, `test`, `test_captions` (see the module docstring).
 
     The training splits see each spoken digit `audio_copies` times and `imu_copies` noisy shifted views of each
@@ -108,7 +108,7 @@ def build_demo_dataset(seed: int = 0, videos_per_split: dict | None = None, audi
     """
     rng = np.random.default_rng(seed)
     media = load_media(seed)
-    videos_per_split = videos_per_split or {"train": 2400, "test": 200}
+    videos_per_split = videos_per_split or {"train": 1600, "test": 200}
     pick = lambda options: options[rng.integers(len(options))]  # noqa: E731
     splits = {"align": [], "sft": [], "test": [], "test_captions": []}
 
