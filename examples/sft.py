@@ -3,6 +3,7 @@ the projectors trained in full, encoders frozen.
 
     accelerate launch examples/sft.py --model_name_or_path anymal-aligned --dataset_name my/mm-instructions \\
         --output_dir anymal-sft [--load_in_4bit] [--merge] [--push_to_hub]
+    accelerate launch examples/sft.py  # no options: the whole recipe at toy scale on bundled data (anymal_demo/)
 
 Rows hold a chat (`messages`, or `prompt` + `completion`) whose media blocks take their items inline or from the
 `images`/`videos`/`audios`/`imus` (list per row) or `image`/`video`/`audio`/`imu` (one per row) columns; see

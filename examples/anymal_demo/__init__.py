@@ -67,26 +67,27 @@ def run_demo(output_dir: str = "outputs/anymal-demo", seed: int = 0) -> dict:
               "--dataloader_num_workers", "1"]
     if not torch.cuda.is_available():
         common += ["--use_cpu", "true", "--bf16", "false"]
-    commands = {
-        "3/6 features: the frozen encoders run once over the training data": (cache_features.main, [
+    stages = {
+        "3/6 features: the frozen encoders run once over the training data": ("python examples/cache_features.py",
+                                                                              cache_features.main, [
             "--model_name_or_path", out / "base", "--dataset_name", out / "data" / "train", "--dataset_from_disk",
             "--imu_sampling_rate", IMU_SAMPLING_RATE, "--output_dir", out / "features"]),
-        "4/6 stage 1, alignment: only the projectors train, on captions": (align.cli, [
+        "4/6 stage 1, alignment: only the projectors train, on captions": ("accelerate launch examples/align.py",
+                                                                           align.cli, [
             "--model_name_or_path", out / "base", "--dataset_name", out / "features", "--dataset_from_disk",
             "--dataset_train_split", "align", "--output_dir", out / "aligned", "--num_train_epochs", "4",
             "--learning_rate", "3e-3", *common]),
-        "5/6 stage 2, instruction tuning: LoRA on the language model, projectors": (sft.cli, [
+        "5/6 stage 2, instruction tuning: LoRA on the language model, projectors": ("accelerate launch examples/sft.py",
+                                                                                    sft.cli, [
             "--model_name_or_path", out / "aligned", "--dataset_name", out / "features", "--dataset_from_disk",
             "--dataset_train_split", "sft", "--output_dir", out / "instructed", "--num_train_epochs", "3",
             "--learning_rate", "2e-3", "--lora_r", "16", "--lora_alpha", "32", "--merge", *common]),
     }
-    for title, (command, argv) in commands.items():
+    for title, (script, run, argv) in stages.items():
         step(title)
         argv = [str(arg) for arg in argv]
-        script = {cache_features.main: "python examples/cache_features.py", align.cli: "accelerate launch "
-                  "examples/align.py", sft.cli: "accelerate launch examples/sft.py"}[command]
         print(f"{script} {shlex.join(argv)}", flush=True)
-        command(argv)
+        run(argv)
 
     step("6/6 evaluation on held-out data")
     final = out / "instructed" / "merged"
@@ -99,7 +100,7 @@ def run_demo(output_dir: str = "outputs/anymal-demo", seed: int = 0) -> dict:
     report = {
         "heldout_accuracy": {kind: answers["by_kind"][kind]["exact_match"] for kind in KINDS},
         "ablation_accuracy": {kind: ablation["by_kind"][kind]["exact_match"] for kind in KINDS},
-        "chance": {kind: value for kind, value in chance(dataset["test"]).items()},
+        "chance": chance(dataset["test"]),
         "caption_cider_d": {kind: captions["by_kind"][kind]["cider_d"] for kind in CAPTION_PROMPTS},
         "caption_bleu4": {kind: captions["by_kind"][kind]["bleu4"] for kind in CAPTION_PROMPTS},
         "heldout_count": {kind: answers["by_kind"][kind]["count"] for kind in KINDS},

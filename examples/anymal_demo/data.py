@@ -73,15 +73,13 @@ def augment(recordings: list[tuple], rng: np.random.Generator, copies: int = 8) 
 
 def load_media(seed: int = 0) -> dict:
     """Every recording with its label, split into train and held-out."""
-    from PIL import Image
+    import soundfile
     from sklearn.datasets import load_digits
 
     rng = np.random.default_rng(seed)
     digits = load_digits()
     order = rng.permutation(len(digits.target))
     held_out = set(order[: len(order) // 5].tolist())
-    import soundfile
-
     audio = {"train": [], "test": []}
     for path in sorted((ASSETS / "spoken_digits").glob("*.flac")):
         digit, voice = path.stem.split("_", 1)
@@ -94,7 +92,6 @@ def load_media(seed: int = 0) -> dict:
         media["imu"][split] = [(x, ACTIVITIES[str(y)]) for x, y in zip(motions[f"x_{split}"], motions[f"y_{split}"])]
     for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
         media["image"]["test" if index in held_out else "train"].append((pixels, int(label)))
-    media["card"] = lambda pixels: Image.fromarray(card(pixels))
     return media
 
 
@@ -106,16 +103,21 @@ def build_demo_dataset(seed: int = 0, videos_per_split: dict | None = None, audi
     IMU recording, so the few recordings weigh about as much as the digits; `sft` also keeps a `captions_in_sft`
     share of the captions, so instruction tuning does not unlearn describing.
     """
+    from PIL import Image
+
     rng = np.random.default_rng(seed)
     media = load_media(seed)
     videos_per_split = videos_per_split or {"train": 1600, "test": 200}
-    pick = lambda options: options[rng.integers(len(options))]  # noqa: E731
+
+    def pick(options: list):
+        return options[rng.integers(len(options))]
+
     splits = {"align": [], "sft": [], "test": [], "test_captions": []}
 
     for split in ("train", "test"):
         captions = splits["align" if split == "train" else "test_captions"]
         questions = splits["sft" if split == "train" else "test"]
-        images = [(media["card"](pixels), label) for pixels, label in media["image"][split]]
+        images = [(Image.fromarray(card(pixels)), label) for pixels, label in media["image"][split]]
         for image, label in images:
             captions.append(row("image", ["image"], CAPTION_PROMPTS["image"], f"a handwritten digit {DIGITS[label]}",
                                 images=[image]))
