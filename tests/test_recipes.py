@@ -149,15 +149,20 @@ def test_resume_after_a_kill_is_exact(setup, tmp_path):
 
 
 def test_two_process_ddp_keeps_ranks_identical(setup, tmp_path):
+    # each rank's output also goes to its own file (`--tee`), so the ranks' lines cannot interleave
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0")
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+                "--log_dir", str(tmp_path / "logs"), "--tee", "3")
     os.environ["ACCELERATE_USE_CPU"] = "1"
     try:
-        result = recipe("sft.py", setup, tmp_path, "--max_steps", 3, "--learning_rate", "1e-3", launcher=launcher)
+        recipe("sft.py", setup, tmp_path / "out", "--max_steps", 3, "--learning_rate", "1e-3", launcher=launcher)
     finally:
         del os.environ["ACCELERATE_USE_CPU"]
-    digests = dict(re.findall(r"rank (\d): trainable weights (\w+)", result.stdout))
-    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], result.stdout[-3000:]
+    logs = {path.parent.name: path.read_text() for path in (tmp_path / "logs").rglob("stdout.log")}
+    digests = {rank: re.findall(r"rank (\d): trainable weights (\w+)", text) for rank, text in logs.items()}
+    assert sorted(digests) == ["0", "1"], logs
+    assert digests["0"][0][0] == "0" and digests["1"][0][0] == "1", digests
+    assert digests["0"][0][1] == digests["1"][0][1], digests
 
 
 def test_recipes_document_their_options_and_ship_gpu_configs():
