@@ -36,7 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--imu_sampling_rate", type=int, help="rate (Hz) of IMU columns that don't say")
     parser.add_argument("--group_by", help="a column whose values get metrics of their own, e.g. the modality")
     parser.add_argument("--zero_inputs", action="store_true",
-                        help="ablation: replace every modality input by zeros (accuracy should fall to chance)")
+                        help="ablation: replace every modality input (or cached encoder feature) by zeros; accuracy "
+                             "should fall to chance")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -63,10 +64,12 @@ def main(argv=None):
         prompts = [chat[:-1] if chat[-1]["role"] == "assistant" else chat for chat in chats]
         inputs = processor.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                processor_kwargs={"padding_side": "left"}).to(args.device)
-        if args.zero_inputs:
+        if args.zero_inputs:  # media, and features of rows written by cache_features.py
             for spec in MODALITIES.values():
                 if spec.input_name in inputs:
                     inputs[spec.input_name] = torch.zeros_like(inputs[spec.input_name])
+            if "encoder_features" in inputs:
+                inputs["encoder_features"] = {name: torch.zeros_like(v) for name, v in inputs["encoder_features"].items()}
         with torch.inference_mode():
             generated = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
         answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -86,6 +86,12 @@ def test_chat_template_is_llama_2_chat(processor):
     assert prompt == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<image>\nHi [/INST] Hello. </s><s>[INST] Again? [/INST]"
 
 
+def test_tiny_config_carries_the_package_template(processor):
+    from transformers_anymal.processing_anymal import CHAT_TEMPLATE
+
+    assert processor.chat_template == CHAT_TEMPLATE  # hub_configs/anymal-tiny is regenerated, not edited by hand
+
+
 def test_assistant_mask_covers_only_the_answers(processor, media):
     messages = chat({"type": "image", "path": media["image"]}, text="Digit?")
     messages += [{"role": "assistant", "content": "Seven."}, {"role": "user", "content": "Sure?"},

@@ -41,7 +41,8 @@ def run_demo(output_dir: str = "outputs/anymal-demo", seed: int = 0) -> dict:
     step = lambda text: print(f"\n[{time.time() - start:5.0f}s] {text}", flush=True)  # noqa: E731
 
     step("1/6 data: digits, moving digits, spoken digits, BasicMotions")
-    dataset = build_demo_dataset(seed)
+    media = load_media(seed)
+    dataset = build_demo_dataset(media, seed)
     DatasetDict(align=dataset["align"], sft=dataset["sft"]).save_to_disk(out / "data" / "train")
     DatasetDict(test=dataset["test"], test_captions=dataset["test_captions"]).save_to_disk(out / "data" / "heldout")
     print({split: len(rows) for split, rows in dataset.items()})
@@ -49,7 +50,6 @@ def run_demo(output_dir: str = "outputs/anymal-demo", seed: int = 0) -> dict:
     step("2/6 pretrained parts: a language model on the demo's text, the four encoders on their classes")
     from transformers_anymal import AnyMALForConditionalGeneration
 
-    media = load_media(seed)
     recordings = np.concatenate([x for x, _ in media["imu"]["train"]], axis=1)
     processor = build_processor(recordings.mean(1).tolist(), recordings.std(1).tolist())
     torch.manual_seed(seed)

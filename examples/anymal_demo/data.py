@@ -95,9 +95,10 @@ def load_media(seed: int = 0) -> dict:
     return media
 
 
-def build_demo_dataset(seed: int = 0, videos_per_split: dict | None = None, audio_copies: int = 3,
+def build_demo_dataset(media: dict, seed: int = 0, videos_per_split: dict | None = None, audio_copies: int = 3,
                        imu_copies: int = 16, captions_in_sft: float = 0.25) -> DatasetDict:
-    """The demo's DatasetDict: `align`, `sft`, `test`, `test_captions` (see the module docstring).
+    """The demo's DatasetDict from `load_media`'s recordings: `align`, `sft`, `test`, `test_captions` (see the
+    module docstring).
 
     The training splits see each spoken digit `audio_copies` times and `imu_copies` noisy shifted views of each
     IMU recording, so the few recordings weigh about as much as the digits; `sft` also keeps a `captions_in_sft`
@@ -106,7 +107,6 @@ def build_demo_dataset(seed: int = 0, videos_per_split: dict | None = None, audi
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    media = load_media(seed)
     videos_per_split = videos_per_split or {"train": 1600, "test": 200}
 
     def pick(options: list):
