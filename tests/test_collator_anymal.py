@@ -29,7 +29,8 @@ def test_labels_are_the_answers_only(collator, dataset):
     tokenizer = collator.processor.tokenizer
     for row, labels in zip(rows, batch["labels"]):
         answer = row["messages"][-1]["content"][0]["text"]
-        assert tokenizer.decode(labels[labels != -100]).strip() == f"{answer} </s>"
+        # exactly the answer, the token that carries the space before it included
+        assert tokenizer.decode(labels[labels != -100]) == f" {answer} </s>"
     placeholders = [getattr(collator.processor, f"{name}_token_id") for name in ("image", "video", "audio", "imu")]
     assert (batch["labels"][torch.isin(batch["input_ids"], torch.tensor(placeholders))] == -100).all()
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
@@ -40,11 +41,11 @@ def test_prompt_completion_rows_and_inline_items(collator):
     row = {"prompt": [{"role": "user", "content": [
                {"type": "imu", "imu": np.random.randn(6, 300), "sampling_rate": 50},
                {"type": "text", "text": "Doing?"}]}],
-           "completion": [{"role": "assistant", "content": "running"}]}
+           "completion": [{"role": "assistant", "content": "walking"}]}
     batch = collator([row])
     assert batch["imu_values"].shape == (1, 6, 1000)
     labels = batch["labels"][0]
-    assert collator.processor.tokenizer.decode(labels[labels != -100]).strip() == "running </s>"
+    assert collator.processor.tokenizer.decode(labels[labels != -100]) == " walking </s>"  # its first token is the bare space
 
 
 @pytest.mark.parametrize(
