@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from transformers_anymal.compatibility_anymal import CACHE_NAME
+
 from common import (
     IMAGE_TOKEN_ID,
     build_models,
@@ -43,12 +45,12 @@ def decode_seconds(model, inputs, steps: int, device: str) -> float:
     """Forward passes of one token each on the KV cache of `inputs`, timed apart from the prefill."""
     with torch.inference_mode():
         output = model(**inputs, use_cache=True, logits_to_keep=1)
-        cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        cache, token = getattr(output, CACHE_NAME), output.logits[:, -1:].argmax(-1)
         synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
-            output = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+            output = model(input_ids=token, use_cache=True, **{CACHE_NAME: cache})
+            cache, token = getattr(output, CACHE_NAME), output.logits[:, -1:].argmax(-1)
         synchronize(device)
         return time.perf_counter() - start
 

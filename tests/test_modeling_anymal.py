@@ -12,7 +12,6 @@ from transformers import (
 )
 
 from transformers_anymal import (
-    MODALITIES,
     AnyMALConfig,
     AnyMALForConditionalGeneration,
     AnyMALIMUEncoder,
@@ -91,11 +90,12 @@ def test_modality_input_changes_only_later_positions_of_its_sample():
     inputs = make_inputs(model.config, [["text", "imu", "text"], ["text", "imu", "text"]])
     logits = model(**inputs).logits
     changed = dict(inputs, imu_values=inputs["imu_values"].clone())
-    changed["imu_values"][0] += 1.0
+    # another recording, not an offset or a scale of the same one: the encoder's input GroupNorm cancels those
+    changed["imu_values"][0] = torch.randn(changed["imu_values"][0].shape, generator=torch.Generator().manual_seed(1))
     new_logits = model(**changed).logits
     first_imu = int((inputs["input_ids"][0] == model.config.imu_token_id).nonzero()[0])
     assert torch.equal(new_logits[0, :first_imu], logits[0, :first_imu])  # causal: earlier text unaffected
-    assert not torch.allclose(new_logits[0, -1], logits[0, -1])
+    assert (new_logits[0, -1] - logits[0, -1]).abs().max() > 1e-3  # far beyond rounding noise
     assert torch.equal(new_logits[1], logits[1])  # the other sample keeps its own recording
 
 
@@ -119,54 +119,6 @@ def test_projector_gets_gradients_from_cached_features():
     cached = {"image": model.model.encode("image", inputs.pop("pixel_values")).detach()}
     model(**inputs, encoder_features=cached, labels=inputs["input_ids"]).loss.backward()
     assert model.model.projectors["image"].latents.grad is not None
-
-
-def test_greedy_generation_is_the_same_with_and_without_cache():
-    model = tiny_model()
-    inputs = make_inputs(model.config, [ALL, ["text", "audio", "text"]])
-    cached = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    uncached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
-    assert torch.equal(cached, uncached)
-
-
-@pytest.mark.parametrize("num_beams", [1, 2])
-def test_batched_generation_equals_one_by_one(num_beams):
-    model = tiny_model()
-    samples = [ALL, ["text"], ["image", "image", "text"], ["imu", "text", "video"]]  # mixed modality sets
-    batch = make_inputs(model.config, samples)
-    batched = model.generate(**batch, max_new_tokens=6, do_sample=False, num_beams=num_beams)
-    for i, sample in enumerate(samples):
-        keep = batch["attention_mask"][i].bool()  # the sample without its left padding
-        alone = {"input_ids": batch["input_ids"][i : i + 1, keep], "attention_mask": batch["attention_mask"][i : i + 1, keep]}
-        for name in model.config.modalities:  # and its own items, cut out of the batch's
-            key, before = MODALITIES[name].input_name, sum(s.count(name) for s in samples[:i])
-            if sample.count(name):
-                alone[key] = batch[key][before : before + sample.count(name)]
-        single = model.generate(**alone, max_new_tokens=6, do_sample=False, num_beams=num_beams)
-        assert torch.equal(single[0, -6:], batched[i, -6:]), f"sample {i} {sample} differs in the batch"
-
-
-def test_text_only_generation_without_any_modality():
-    model = tiny_model()
-    inputs = make_inputs(model.config, [["text", "text"]])
-    assert model.generate(**inputs, max_new_tokens=4, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 4
-
-
-def test_sampling_with_several_sequences_per_prompt():
-    model = tiny_model()
-    inputs = make_inputs(model.config, [["image", "audio", "text"], ["imu", "text"]])
-    out = model.generate(**inputs, max_new_tokens=3, do_sample=True, num_return_sequences=3)
-    assert out.shape[0] == 6
-
-
-def test_placeholders_are_never_generated():
-    model = tiny_model()
-    placeholder_ids = [getattr(model.config, f"{name}_token_id") for name in model.config.modalities]
-    with torch.no_grad():  # make the untrained model prefer the placeholders
-        model.lm_head.weight[placeholder_ids] = model.lm_head.weight[placeholder_ids] * 0 + 10.0
-    inputs = make_inputs(model.config, [["image", "text"]])
-    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-    assert not set(generated.tolist()) & set(placeholder_ids)
 
 
 def test_save_and_load_reproduces_logits_through_safetensors(tmp_path):

@@ -1,5 +1,10 @@
 """AnyMAL (Any-Modality Augmented Language Model) for Hugging Face transformers."""
 
+# first, so that an unsupported transformers is named before an import below fails on it
+from .compatibility_anymal import SUPPORTED_RANGE
+
+
+# isort: split
 from transformers import (
     AutoConfig,
     AutoFeatureExtractor,
@@ -47,6 +52,7 @@ AnyMALVideoProcessor.register_for_auto_class("AutoVideoProcessor")
 
 __all__ = [
     "MODALITIES",
+    "SUPPORTED_RANGE",
     "AnyMALConfig",
     "AnyMALDataCollator",
     "AnyMALForConditionalGeneration",

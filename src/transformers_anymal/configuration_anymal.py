@@ -3,6 +3,11 @@
 from dataclasses import dataclass
 from typing import Literal
 
+# first, so that an unsupported transformers is named before an import below fails on it
+from .compatibility_anymal import SUPPORTED_RANGE  # noqa: F401
+
+
+# isort: split
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec

@@ -14,16 +14,22 @@ from transformers import (
     AutoModel,
     BitsAndBytesConfig,
     ClapAudioModel,
+    GenerationConfig,
     GenerationMixin,
     PreTrainedModel,
 )
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.generation import LogitsProcessorList, SuppressTokensLogitsProcessor
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import auto_docstring, can_return_tuple
 
+from .compatibility_anymal import (
+    CACHE_NAME,
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    resolve_cache_argument,
+)
 from .configuration_anymal import MODALITIES, AnyMALConfig, AnyMALIMUConfig
 from .modelcard_anymal import anymal_model_card
 
@@ -41,12 +47,13 @@ CUSTOM_PIPELINES = {
 }
 
 
+# Built on transformers' own output classes (see compatibility_anymal), so their fields and names follow the
+# installed release: the cache is `cache` from 5.24 on (`past_key_values` before), and 5.24 adds `image_outputs`,
+# `video_outputs` and `audio_outputs`. AnyMAL adds the projected tokens of every modality, IMU included.
 @auto_docstring(custom_intro="Outputs of [`AnyMALModel`].")
 @dataclass
 class AnyMALModelOutputWithPast(BaseModelOutputWithPast):
     r"""
-    past_key_values (`Cache`, *optional*):
-        The language model's key/value cache.
     modality_hidden_states (`dict[str, torch.Tensor]`, *optional*):
         Projected tokens of each modality in the batch, `(num_items, num_tokens, hidden_size)` per modality.
     """
@@ -56,24 +63,17 @@ class AnyMALModelOutputWithPast(BaseModelOutputWithPast):
 
 @auto_docstring(custom_intro="Outputs of [`AnyMALForConditionalGeneration`].")
 @dataclass
-class AnyMALCausalLMOutputWithPast(ModelOutput):
+class AnyMALCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
-    loss (`torch.Tensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
-        Next-token prediction loss.
-    logits (`torch.Tensor` of shape `(batch_size, sequence_length, vocab_size)`):
-        Prediction scores of the language modeling head.
-    past_key_values (`Cache`, *optional*):
-        The language model's key/value cache.
     modality_hidden_states (`dict[str, torch.Tensor]`, *optional*):
         Projected tokens of each modality in the batch, `(num_items, num_tokens, hidden_size)` per modality.
     """
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor] | None = None
-    attentions: tuple[torch.Tensor] | None = None
     modality_hidden_states: dict[str, torch.Tensor] | None = None
+
+
+# what the installed release's outputs hold per modality, e.g. `image_outputs` (5.24 on; 5.23 has none)
+ENCODER_OUTPUT_FIELDS = {field for field in AnyMALModelOutputWithPast.__dataclass_fields__ if field.endswith("_outputs")}
 
 
 class AnyMALIMUBlock(nn.Module):
@@ -228,7 +228,7 @@ class AnyMALPreTrainedModel(PreTrainedModel):
     input_modalities = ("text", *dict.fromkeys(spec.input_modality for spec in MODALITIES.values()))
     supports_gradient_checkpointing = True
     _no_split_modules = ["AnyMALPerceiverLayer", "AnyMALLinearProjector"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -469,10 +469,12 @@ class AnyMALModel(AnyMALPreTrainedModel):
         imu_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         encoder_features: dict[str, torch.Tensor] | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        prompt_embeds: torch.FloatTensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple | AnyMALModelOutputWithPast:
         r"""
@@ -482,12 +484,20 @@ class AnyMALModel(AnyMALPreTrainedModel):
             Log-mel features of each audio clip, as CLAP's feature extractor gives them.
         imu_values (`torch.FloatTensor` of shape `(num_recordings, num_channels, window_length)`):
             Normalised IMU windows.
+        cache (`Cache`, *optional*):
+            The language model's key/value cache (the name transformers >= 5.24 passes it under).
         encoder_features (`dict[str, torch.Tensor]`, *optional*):
             Per modality, outputs of the frozen encoder computed earlier with [`~AnyMALModel.encode`]; the encoder
             is skipped and only the projector runs (feature caching for alignment training).
         mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
-            Per modality, projected tokens in `pooler_output`; `generate` fills it before prefill.
+            Per modality, projected tokens in `pooler_output`, `(num_items, num_tokens, hidden_size)`.
+        prompt_embeds (`torch.FloatTensor` of shape `(batch_size, prompt_length, hidden_size)`, *optional*):
+            Embeddings of the first `prompt_length` positions with every item's tokens in place of its placeholders;
+            `generate` computes them once, before prefill, so media are never encoded again while decoding.
+        past_key_values (`Cache`, *optional*):
+            The same cache as `cache`, under the name transformers 5.23 passes it; give one of the two.
         """
+        cache = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         named_inputs = {"pixel_values": pixel_values, "pixel_values_videos": pixel_values_videos,
@@ -498,23 +508,48 @@ class AnyMALModel(AnyMALPreTrainedModel):
         }
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        inputs_embeds, projected = self.embed_modalities(
-            input_ids, inputs_embeds, modality_values, encoder_features, mm_encoder_outputs
-        )
+        if prompt_embeds is not None:  # generate() put the media in place once, before prefill
+            if any(values is not None for values in modality_values.values()) or encoder_features or mm_encoder_outputs:
+                raise ValueError(
+                    "Pass either prompt_embeds or media inputs (pixel_values, ..., encoder_features, "
+                    "mm_encoder_outputs), not both: prompt_embeds already holds the media's tokens."
+                )
+            inputs_embeds, projected = self.continue_prompt_embeds(prompt_embeds, inputs_embeds), {}
+        else:
+            inputs_embeds, projected = self.embed_modalities(
+                input_ids, inputs_embeds, modality_values, encoder_features, mm_encoder_outputs
+            )
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
+        encoder_outputs = {  # the installed release's per-encoder fields, LLaVA's shape: projected tokens as pooler_output
+            f"{name}_outputs": BaseModelOutputWithPooling(pooler_output=tokens)
+            for name, tokens in projected.items() if f"{name}_outputs" in ENCODER_OUTPUT_FIELDS
+        }
         return AnyMALModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             modality_hidden_states=projected or None,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+            **encoder_outputs,
         )
+
+    @staticmethod
+    def continue_prompt_embeds(prompt_embeds: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """`inputs_embeds` with its first `prompt_embeds.shape[1]` positions taken from `prompt_embeds`: the prompt,
+        media in place, followed by the tokens generated so far (decoding without a cache re-reads all of them)."""
+        if prompt_embeds.shape[0] != inputs_embeds.shape[0] or prompt_embeds.shape[1] > inputs_embeds.shape[1]:
+            raise ValueError(
+                f"prompt_embeds has shape {tuple(prompt_embeds.shape[:2])} (batch, prompt length) but the input is "
+                f"{tuple(inputs_embeds.shape[:2])}; it must cover the first positions of each sample."
+            )
+        prompt_length = prompt_embeds.shape[1]
+        return torch.cat([prompt_embeds.to(inputs_embeds.dtype), inputs_embeds[:, prompt_length:]], dim=1)
 
 
 @auto_docstring(custom_intro="AnyMAL: any-modality inputs, text out.")
@@ -550,12 +585,14 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
         imu_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         encoder_features: dict[str, torch.Tensor] | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        prompt_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple | AnyMALCausalLMOutputWithPast:
         r"""
@@ -565,11 +602,18 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
             Log-mel features of each audio clip, as CLAP's feature extractor gives them.
         imu_values (`torch.FloatTensor` of shape `(num_recordings, num_channels, window_length)`):
             Normalised IMU windows.
+        cache (`Cache`, *optional*):
+            The language model's key/value cache (the name transformers >= 5.24 passes it under).
         encoder_features (`dict[str, torch.Tensor]`, *optional*):
             Per modality, outputs of the frozen encoder computed earlier with [`~AnyMALModel.encode`]; the encoder
             is skipped and only the projector runs (feature caching for alignment training).
         mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
-            Per modality, projected tokens in `pooler_output`; `generate` fills it before prefill.
+            Per modality, projected tokens in `pooler_output`, `(num_items, num_tokens, hidden_size)`.
+        prompt_embeds (`torch.FloatTensor` of shape `(batch_size, prompt_length, hidden_size)`, *optional*):
+            Embeddings of the first `prompt_length` positions with every item's tokens in place of its placeholders;
+            `generate` computes them once, before prefill, so media are never encoded again while decoding.
+        past_key_values (`Cache`, *optional*):
+            The same cache as `cache`, under the name transformers 5.23 passes it; give one of the two.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -579,10 +623,11 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
             imu_values=imu_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             encoder_features=encoder_features,
             mm_encoder_outputs=mm_encoder_outputs,
+            prompt_embeds=prompt_embeds,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -595,53 +640,45 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
         return AnyMALCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             modality_hidden_states=outputs.modality_hidden_states,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+            **{field: getattr(outputs, field) for field in ENCODER_OUTPUT_FIELDS},
         )
 
-    def _get_logits_processor(self, *args, **kwargs) -> LogitsProcessorList:
-        # placeholders mark where inputs go; generating one would ask for an item that does not exist
-        processors = super()._get_logits_processor(*args, **kwargs)
-        placeholder_ids = [getattr(self.config, f"{name}_token_id") for name in self.config.modalities]
-        if placeholder_ids:
-            processors.insert(0, SuppressTokensLogitsProcessor(placeholder_ids, device=self.device))
-        return processors
+    # Generation overrides only public methods of GenerationMixin (checked against transformers 5.23 and 5.24; each
+    # behaviour has a test in tests/test_generation_anymal.py). generate() encodes every modality once, before
+    # prefill, into `prompt_embeds`: one row per sample, so generate's own per-sample expansion for beams and
+    # num_return_sequences repeats each sample's media with it, whatever its number of items.
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 *args, **kwargs):
+        """As [`~GenerationMixin.generate`]. Media inputs (`pixel_values`, ..., `encoder_features`,
+        `mm_encoder_outputs`) are encoded and projected once, before prefill, and placeholder tokens, which mark
+        where inputs go, are never generated."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        media = {name: kwargs.pop(spec.input_name, None) for name, spec in MODALITIES.items()}
+        media = {name: values for name, values in media.items() if values is not None}
+        encoder_features, mm_encoder_outputs = kwargs.pop("encoder_features", None), kwargs.pop("mm_encoder_outputs", None)
+        if media or encoder_features or mm_encoder_outputs:
+            inputs_embeds = kwargs.get("inputs_embeds")
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            kwargs["prompt_embeds"], _ = self.model.embed_modalities(
+                input_ids, inputs_embeds, media, encoder_features, mm_encoder_outputs
+            )
+        placeholder_ids = {getattr(self.config, f"{name}_token_id") for name in self.config.modalities}
+        suppressed = kwargs.get("suppress_tokens") or (generation_config or self.generation_config).suppress_tokens
+        if placeholder_ids:  # added to the user's own suppressed tokens, wherever those were given
+            kwargs["suppress_tokens"] = sorted(placeholder_ids | set(suppressed or []))
+        return super().generate(inputs, generation_config, *args, **kwargs)
 
-    def _validate_model_kwargs(self, model_kwargs: dict):
-        # inputs of modalities added with `register_modality` reach forward() through **kwargs
-        extra_inputs = {spec.input_name for spec in MODALITIES.values()}
-        super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in extra_inputs})
-
-    def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs: dict) -> dict:
-        # transformers pre-encodes only image and video; encoding every modality once before prefill keeps raw
-        # inputs out of the decoding steps and lets beam search repeat each sample's items with the sample
-        mm_encoder_outputs = model_kwargs.get("mm_encoder_outputs") or {}
-        encoder_features = model_kwargs.pop("encoder_features", None) or {}
-        for name, spec in MODALITIES.items():
-            values, cached = model_kwargs.pop(spec.input_name, None), encoder_features.get(name)
-            if values is None and cached is None:
-                continue
-            if mm_encoder_outputs.get(name) is not None:
-                raise ValueError(f"{name}: pass either {spec.input_name}/encoder_features or mm_encoder_outputs.")
-            features = self.model.get_modality_features(name, values, cached)
-            mm_encoder_outputs[name] = BaseModelOutputWithPooling(pooler_output=features)
-        model_kwargs["mm_encoder_outputs"] = mm_encoder_outputs
-        return model_kwargs
-
-    def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
-        # generate() repeats each sample `expand_size` times in place (beams, num_return_sequences), so each sample's
-        # items are repeated as a group: [A, B] -> [A, B, A, B]
-        if input_ids is not None and input_ids.numel() == 0:
-            input_ids = None
-        for name, output in mm_encoder_output.items():
-            items_per_sample = self.model.placeholder_mask(name, input_ids, inputs_embeds).sum(-1)
-            features = output.pooler_output
-            features = features if isinstance(features, torch.Tensor) else torch.stack(list(features))
-            groups = features.split((items_per_sample // self.config.num_tokens[name]).tolist())
-            output.pooler_output = torch.cat([group.repeat(expand_size, 1, 1) for group in groups])
-        return mm_encoder_output
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):  # the prompt is in the cache after prefill
+            model_inputs.pop("prompt_embeds", None)
+        return model_inputs
 
 
 __all__ = [

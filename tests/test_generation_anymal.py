@@ -1,0 +1,128 @@
+"""Generation: one test per behaviour that AnyMAL adds to transformers' `generate` (see the comment above
+`AnyMALForConditionalGeneration.generate`), so that an upstream change fails here rather than for a user."""
+
+import pytest
+import torch
+from transformers import GenerationConfig
+from transformers.cache_utils import Cache
+
+from transformers_anymal import MODALITIES
+from transformers_anymal.compatibility_anymal import CACHE_NAME
+
+from anymal_tester import make_inputs, tiny_model
+
+
+ALL = ["text", "image", "text", "video", "audio", "imu", "text"]
+# every modality with one item in some samples and two in others, so that repeating items per sample is tested
+UNEVEN = [ALL, ["text"], ["image", "image", "audio", "audio", "text"], ["imu", "imu", "text", "video", "video"]]
+
+
+def cut_out(model, batch: dict, samples: list, i: int) -> dict:
+    """Sample `i` of `batch` alone: without its left padding and with only its own items."""
+    keep = batch["attention_mask"][i].bool()
+    alone = {"input_ids": batch["input_ids"][i : i + 1, keep], "attention_mask": batch["attention_mask"][i : i + 1, keep]}
+    for name in model.config.modalities:
+        key, before = MODALITIES[name].input_name, sum(s.count(name) for s in samples[:i])
+        if samples[i].count(name):
+            alone[key] = batch[key][before : before + samples[i].count(name)]
+    return alone
+
+
+def test_greedy_generation_is_the_same_with_and_without_cache():
+    model = tiny_model()
+    inputs = make_inputs(model.config, [ALL, ["text", "audio", "text"]])
+    cached = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    uncached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_the_cache_continues_a_forward_under_either_name():
+    model = tiny_model()
+    inputs = make_inputs(model.config, [ALL])
+    prefix = {"input_ids": inputs["input_ids"][:, :-1], "attention_mask": inputs["attention_mask"][:, :-1]}
+    prefix.update({key: value for key, value in inputs.items() if key not in prefix})
+    with torch.no_grad():
+        whole = model(**inputs).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            cache = getattr(model(**prefix, use_cache=True), CACHE_NAME)  # `cache` from 5.24 on, then the old name
+            assert isinstance(cache, Cache) and cache.get_seq_length() == prefix["input_ids"].shape[1]
+            step = model(input_ids=inputs["input_ids"][:, -1:], attention_mask=inputs["attention_mask"], **{name: cache})
+            assert torch.allclose(step.logits[:, -1], whole, atol=1e-5), name
+        with pytest.raises(ValueError, match="Pass the key/value cache once"):
+            model(**inputs, cache=cache, past_key_values=type(cache)())
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_batched_generation_equals_one_by_one(num_beams):
+    model = tiny_model()
+    batch = make_inputs(model.config, UNEVEN)
+    batched = model.generate(**batch, max_new_tokens=6, do_sample=False, num_beams=num_beams)
+    for i, sample in enumerate(UNEVEN):
+        single = model.generate(**cut_out(model, batch, UNEVEN, i), max_new_tokens=6, do_sample=False,
+                                num_beams=num_beams)
+        assert torch.equal(single[0, -6:], batched[i, -6:]), f"sample {i} {sample} differs in the batch"
+
+
+def test_several_sequences_per_prompt_keep_their_own_items():
+    model = tiny_model()
+    batch = make_inputs(model.config, UNEVEN)
+    returned = model.generate(**batch, max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert returned.shape[0] == 2 * len(UNEVEN)
+    for i in range(len(UNEVEN)):
+        single = model.generate(**cut_out(model, batch, UNEVEN, i), max_new_tokens=5, num_beams=3,
+                                num_return_sequences=2, do_sample=False)
+        assert torch.equal(single[:, -5:], returned[2 * i : 2 * i + 2, -5:]), f"sample {i}"
+
+
+def test_sampling_with_several_sequences_per_prompt():
+    model = tiny_model()
+    inputs = make_inputs(model.config, [["image", "audio", "text"], ["imu", "text"]])
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=True, num_return_sequences=3)
+    assert out.shape == (6, inputs["input_ids"].shape[1] + 3)
+
+
+def test_each_item_is_encoded_once_per_generate_call():
+    model = tiny_model()
+    calls = {}
+    for name, projector in model.model.projectors.items():
+        projector.register_forward_hook(lambda module, args, output, name=name: calls.update({name: calls.get(name, 0) + 1}))
+    encoder_calls = []
+    for encoder in model.model.encoders.values():
+        encoder.register_forward_hook(lambda module, args, output: encoder_calls.append(args[0].shape[0]))
+    batch = make_inputs(model.config, UNEVEN)
+    model.generate(**batch, max_new_tokens=6, do_sample=False, num_beams=2)
+    assert calls == {name: 1 for name in model.config.modalities}  # not again for each decoding step or beam
+    frames = model.config.num_frames
+    items = sum(s.count("image") + frames * s.count("video") + s.count("audio") + s.count("imu") for s in UNEVEN)
+    assert sum(encoder_calls) == items
+
+
+def test_text_only_generation_without_any_modality():
+    model = tiny_model()
+    inputs = make_inputs(model.config, [["text", "text"]])
+    assert model.generate(**inputs, max_new_tokens=4, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+@pytest.mark.parametrize("user_suppression", ["none", "argument", "generation_config"])
+def test_placeholders_are_never_generated(user_suppression):
+    model = tiny_model()
+    placeholder_ids = [getattr(model.config, f"{name}_token_id") for name in model.config.modalities]
+    other_id = 10
+    with torch.no_grad():  # make the untrained model prefer the placeholders, then one ordinary token
+        model.lm_head.weight[placeholder_ids] = model.lm_head.weight[placeholder_ids] * 0 + 10.0
+        model.lm_head.weight[other_id] = model.lm_head.weight[other_id] * 0 + 5.0
+    inputs = make_inputs(model.config, [["image", "text"]])
+    options = {"none": {}, "argument": {"suppress_tokens": [other_id]},
+               "generation_config": {"generation_config": GenerationConfig(suppress_tokens=[other_id])}}
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, **options[user_suppression])
+    new_tokens = set(generated[0, inputs["input_ids"].shape[1] :].tolist())
+    assert not new_tokens & set(placeholder_ids)
+    assert (other_id in new_tokens) == (user_suppression == "none")  # the user's own suppression still holds
+
+
+def test_generate_takes_precomputed_embeddings_or_media_not_both():
+    model = tiny_model()
+    inputs = make_inputs(model.config, [["image", "text"]])
+    prompt_embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with pytest.raises(ValueError, match=r"Pass either prompt_embeds or media inputs"):
+        model(**inputs, prompt_embeds=prompt_embeds)
