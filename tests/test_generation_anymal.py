@@ -36,6 +36,14 @@ def test_greedy_generation_is_the_same_with_and_without_cache():
     assert torch.equal(cached, uncached)
 
 
+def test_chunked_prefill_gives_the_same_tokens():
+    model = tiny_model()
+    inputs = make_inputs(model.config, [ALL, ["text", "audio", "text"]])
+    whole = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert inputs["input_ids"].shape[1] > 3 * 8  # several chunks, with placeholder runs split between them
+    assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False, prefill_chunk_size=8), whole)
+
+
 def test_the_cache_continues_a_forward_under_either_name():
     model = tiny_model()
     inputs = make_inputs(model.config, [ALL])

@@ -514,7 +514,8 @@ class AnyMALModel(AnyMALPreTrainedModel):
                     "Pass either prompt_embeds or media inputs (pixel_values, ..., encoder_features, "
                     "mm_encoder_outputs), not both: prompt_embeds already holds the media's tokens."
                 )
-            inputs_embeds, projected = self.continue_prompt_embeds(prompt_embeds, inputs_embeds), {}
+            start = cache.get_seq_length() if cache is not None else 0  # where this input begins in the sequence
+            inputs_embeds, projected = self.continue_prompt_embeds(prompt_embeds, inputs_embeds, start), {}
         else:
             inputs_embeds, projected = self.embed_modalities(
                 input_ids, inputs_embeds, modality_values, encoder_features, mm_encoder_outputs
@@ -540,16 +541,19 @@ class AnyMALModel(AnyMALPreTrainedModel):
         )
 
     @staticmethod
-    def continue_prompt_embeds(prompt_embeds: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """`inputs_embeds` with its first `prompt_embeds.shape[1]` positions taken from `prompt_embeds`: the prompt,
-        media in place, followed by the tokens generated so far (decoding without a cache re-reads all of them)."""
-        if prompt_embeds.shape[0] != inputs_embeds.shape[0] or prompt_embeds.shape[1] > inputs_embeds.shape[1]:
+    def continue_prompt_embeds(prompt_embeds: torch.Tensor, inputs_embeds: torch.Tensor, start: int) -> torch.Tensor:
+        """`inputs_embeds` of the positions from `start` on, those inside the prompt taken from `prompt_embeds`. The
+        input may be the whole prompt, a chunk of it (chunked prefill, a cache continued) or the prompt followed by
+        generated tokens (decoding without a cache)."""
+        if prompt_embeds.shape[0] != inputs_embeds.shape[0]:
             raise ValueError(
-                f"prompt_embeds has shape {tuple(prompt_embeds.shape[:2])} (batch, prompt length) but the input is "
-                f"{tuple(inputs_embeds.shape[:2])}; it must cover the first positions of each sample."
+                f"prompt_embeds holds {prompt_embeds.shape[0]} samples but the input {inputs_embeds.shape[0]}."
             )
-        prompt_length = prompt_embeds.shape[1]
-        return torch.cat([prompt_embeds.to(inputs_embeds.dtype), inputs_embeds[:, prompt_length:]], dim=1)
+        end = min(prompt_embeds.shape[1], start + inputs_embeds.shape[1])
+        if end <= start:
+            return inputs_embeds
+        prompt_part = prompt_embeds[:, start:end].to(inputs_embeds.device, inputs_embeds.dtype)
+        return torch.cat([prompt_part, inputs_embeds[:, end - start :]], dim=1)
 
 
 @auto_docstring(custom_intro="AnyMAL: any-modality inputs, text out.")
