@@ -221,6 +221,29 @@ def build_projector(config: AnyMALConfig, name: str) -> nn.Module:
     return AnyMALLinearProjector(config, input_size, config.num_tokens[name])
 
 
+# the arguments of both `forward`s that transformers does not document itself
+FORWARD_ARGUMENTS = r"""
+    pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, num_frames, channels, height, width)`):
+        Frames of each video clip.
+    input_features (`torch.FloatTensor` of shape `(num_audios, channels, time, num_mel_bins)`):
+        Log-mel features of each audio clip, as CLAP's feature extractor gives them.
+    imu_values (`torch.FloatTensor` of shape `(num_recordings, num_channels, window_length)`):
+        Normalised IMU windows.
+    cache (`Cache`, *optional*):
+        The language model's key/value cache (the name transformers >= 5.24 passes it under).
+    encoder_features (`dict[str, torch.Tensor]`, *optional*):
+        Per modality, outputs of the frozen encoder computed earlier with [`~AnyMALModel.encode`]; the encoder
+        is skipped and only the projector runs (feature caching for alignment training).
+    mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
+        Per modality, projected tokens in `pooler_output`, `(num_items, num_tokens, hidden_size)`.
+    prompt_embeds (`torch.FloatTensor` of shape `(batch_size, prompt_length, hidden_size)`, *optional*):
+        Embeddings of the first `prompt_length` positions with every item's tokens in place of its placeholders;
+        `generate` computes them once, before prefill, so media are never encoded again while decoding.
+    past_key_values (`Cache`, *optional*):
+        The same cache as `cache`, under the name transformers 5.23 passes it; give one of the two.
+"""
+
+
 @auto_docstring
 class AnyMALPreTrainedModel(PreTrainedModel):
     config: AnyMALConfig
@@ -459,7 +482,7 @@ class AnyMALModel(AnyMALPreTrainedModel):
         return inputs_embeds, projected
 
     @can_return_tuple
-    @auto_docstring
+    @auto_docstring(custom_args=FORWARD_ARGUMENTS)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -477,26 +500,6 @@ class AnyMALModel(AnyMALPreTrainedModel):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple | AnyMALModelOutputWithPast:
-        r"""
-        pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, num_frames, channels, height, width)`):
-            Frames of each video clip.
-        input_features (`torch.FloatTensor` of shape `(num_audios, channels, time, num_mel_bins)`):
-            Log-mel features of each audio clip, as CLAP's feature extractor gives them.
-        imu_values (`torch.FloatTensor` of shape `(num_recordings, num_channels, window_length)`):
-            Normalised IMU windows.
-        cache (`Cache`, *optional*):
-            The language model's key/value cache (the name transformers >= 5.24 passes it under).
-        encoder_features (`dict[str, torch.Tensor]`, *optional*):
-            Per modality, outputs of the frozen encoder computed earlier with [`~AnyMALModel.encode`]; the encoder
-            is skipped and only the projector runs (feature caching for alignment training).
-        mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
-            Per modality, projected tokens in `pooler_output`, `(num_items, num_tokens, hidden_size)`.
-        prompt_embeds (`torch.FloatTensor` of shape `(batch_size, prompt_length, hidden_size)`, *optional*):
-            Embeddings of the first `prompt_length` positions with every item's tokens in place of its placeholders;
-            `generate` computes them once, before prefill, so media are never encoded again while decoding.
-        past_key_values (`Cache`, *optional*):
-            The same cache as `cache`, under the name transformers 5.23 passes it; give one of the two.
-        """
         cache = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -579,7 +582,7 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
         return self.model.get_modality_features(name, values, encoder_features)
 
     @can_return_tuple
-    @auto_docstring
+    @auto_docstring(custom_args=FORWARD_ARGUMENTS)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -599,26 +602,6 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple | AnyMALCausalLMOutputWithPast:
-        r"""
-        pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, num_frames, channels, height, width)`):
-            Frames of each video clip.
-        input_features (`torch.FloatTensor` of shape `(num_audios, channels, time, num_mel_bins)`):
-            Log-mel features of each audio clip, as CLAP's feature extractor gives them.
-        imu_values (`torch.FloatTensor` of shape `(num_recordings, num_channels, window_length)`):
-            Normalised IMU windows.
-        cache (`Cache`, *optional*):
-            The language model's key/value cache (the name transformers >= 5.24 passes it under).
-        encoder_features (`dict[str, torch.Tensor]`, *optional*):
-            Per modality, outputs of the frozen encoder computed earlier with [`~AnyMALModel.encode`]; the encoder
-            is skipped and only the projector runs (feature caching for alignment training).
-        mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
-            Per modality, projected tokens in `pooler_output`, `(num_items, num_tokens, hidden_size)`.
-        prompt_embeds (`torch.FloatTensor` of shape `(batch_size, prompt_length, hidden_size)`, *optional*):
-            Embeddings of the first `prompt_length` positions with every item's tokens in place of its placeholders;
-            `generate` computes them once, before prefill, so media are never encoded again while decoding.
-        past_key_values (`Cache`, *optional*):
-            The same cache as `cache`, under the name transformers 5.23 passes it; give one of the two.
-        """
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
