@@ -105,7 +105,7 @@ def test_remote_code_checks_the_installed_transformers(tmp_path):
         import sys
         sys.modules["transformers_anymal"] = None  # only transformers: the code comes from the checkpoint
         import transformers
-        transformers.__version__ = "{OLDEST_SUPPORTED.replace("5.23", "5.20")}"
+        transformers.__version__ = "5.20.0"
         from transformers import AutoModelForMultimodalLM
         AutoModelForMultimodalLM.from_pretrained({str(tmp_path / "checkpoint")!r}, trust_remote_code=True)
     """, cwd=tmp_path)

@@ -44,6 +44,16 @@ def test_chunked_prefill_gives_the_same_tokens():
     assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False, prefill_chunk_size=8), whole)
 
 
+def test_generation_from_inputs_embeds_equals_generation_from_input_ids():
+    model = tiny_model()
+    inputs = make_inputs(model.config, [ALL, ["text", "audio", "text"]])
+    from_ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    media = {key: value for key, value in inputs.items() if key != "input_ids"}
+    from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(inputs["input_ids"]), **media,
+                                 max_new_tokens=6, do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, -6:])  # generate returns only the new tokens for embeddings
+
+
 def test_the_cache_continues_a_forward_under_either_name():
     model = tiny_model()
     inputs = make_inputs(model.config, [ALL])

@@ -661,8 +661,13 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
             kwargs["suppress_tokens"] = sorted(placeholder_ids | set(suppressed or []))
         return super().generate(inputs, generation_config, *args, **kwargs)
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(
+        self, input_ids, *args, inputs_embeds=None, is_first_iteration: bool | None = False, **kwargs
+    ):
+        # named like GenerationMixin's, where generate() looks for `inputs_embeds` before accepting them
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, *args, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
         if not is_first_iteration and kwargs.get("use_cache", True):  # the prompt is in the cache after prefill
             model_inputs.pop("prompt_embeds", None)
         return model_inputs
