@@ -10,7 +10,7 @@ the projectors train as PEFT modules (checkpoints hold only them, which resume r
 full-precision base.
 """
 
-from trl import ModelConfig, SFTTrainer
+from trl import ModelConfig
 
 from transformers_anymal import AnyMALDataCollator
 from transformers_anymal.training_anymal import (
@@ -21,6 +21,7 @@ from transformers_anymal.training_anymal import (
     parse_recipe_args,
     projector_tuning_config,
     save_aligned,
+    sft_trainer,
     train,
 )
 
@@ -38,13 +39,13 @@ def main(script_args, training_args, model_args):
     collator = AnyMALDataCollator(processor, imu_sampling_rate=script_args.imu_sampling_rate)
     collator.check_dataset(dataset[script_args.dataset_train_split], model.config.modalities, name="train split")
 
-    trainer = SFTTrainer(
-        model=model,
+    trainer = sft_trainer(
+        model,
+        peft_config=projector_tuning_config(model) if quantized else None,  # the Trainer wants PEFT on 4/8-bit
         args=training_args,
         data_collator=collator,
         train_dataset=dataset[script_args.dataset_train_split],
         processing_class=processor,
-        peft_config=projector_tuning_config(model) if quantized else None,  # the Trainer wants PEFT on 4/8-bit
     )
     train(trainer, training_args)
     if not quantized:

@@ -14,7 +14,7 @@ them onto the base in one call); --merge also writes <output_dir>/merged, a plai
 import sys
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, SFTTrainer
+from trl import ModelConfig
 
 from transformers_anymal import AnyMALDataCollator
 from transformers_anymal.training_anymal import (
@@ -25,6 +25,7 @@ from transformers_anymal.training_anymal import (
     lora_config,
     parse_recipe_args,
     save_merged,
+    sft_trainer,
     train,
 )
 
@@ -53,14 +54,14 @@ def main(script_args, training_args, model_args):
     for split in splits.values():
         collator.check_dataset(dataset[split], model.config.modalities, name=f"{split} split")
 
-    trainer = SFTTrainer(
-        model=model,
+    trainer = sft_trainer(
+        model,
+        peft_config=lora_config(model, model_args) if model_args.use_peft else None,
         args=training_args,
         data_collator=collator,
         train_dataset=dataset[splits["train"]],
         eval_dataset=dataset[splits["eval"]] if "eval" in splits else None,
         processing_class=processor,
-        peft_config=lora_config(model, model_args) if model_args.use_peft else None,
     )
     train(trainer, training_args)
     trainer.save_model(training_args.output_dir)

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import PartialState
 from datasets import load_dataset, load_from_disk
-from peft import LNTuningConfig, LoraConfig, PeftModel
+from peft import LNTuningConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForMultimodalLM, AutoProcessor
-from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser, get_quantization_config
+from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
 from .modeling_anymal import AnyMALForConditionalGeneration
 
@@ -69,6 +69,27 @@ def load_model_and_processor(model_args: ModelConfig) -> tuple[AnyMALForConditio
     )
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
     return model, processor
+
+
+def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, **kwargs) -> SFTTrainer:
+    """`SFTTrainer(model=model, peft_config=peft_config, **kwargs)` whose trainable weights keep the precision they
+    were loaded in when the language model is 4/8-bit.
+
+    There TRL 1.16 casts every trainable parameter to bf16, the QLoRA paper's choice for LoRA adapters. It starves
+    the projectors: a resampler latent near 1.0 has a bf16 step of 0.0078, so Adam updates of about the learning
+    rate (2e-4) round away. The PEFT model is built here and its trainable weights restored after TRL's cast.
+    """
+    if not getattr(model, "is_quantized", False):
+        return SFTTrainer(model=model, peft_config=peft_config, **kwargs)
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+    loaded = {name: parameter.detach().to("cpu", copy=True)  # off the GPU: the projectors of 70B hold 0.7B weights
+              for name, parameter in model.named_parameters() if parameter.requires_grad}
+    trainer = SFTTrainer(model=model, **kwargs)
+    for name, parameter in trainer.model.named_parameters():
+        if name in loaded and parameter.dtype != loaded[name].dtype:
+            parameter.data = loaded[name].to(parameter.device)
+    return trainer
 
 
 def train(trainer, training_args) -> None:
