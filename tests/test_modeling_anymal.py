@@ -1,3 +1,5 @@
+from unittest import mock
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -165,12 +167,23 @@ def test_set_trainable_freezes_by_part():
         model.set_trainable(encoders=["smell"])
 
 
-def test_gradient_checkpointing_trains():
-    model = tiny_model().train()
-    model.activation_checkpointing_enable()
-    inputs = make_inputs(model.config, [ALL])
-    model(**inputs, labels=inputs["input_ids"]).loss.backward()
-    assert model.lm_head.weight.grad is not None
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients():
+    inputs = make_inputs(tiny_config(), [ALL])
+    gradients = {}
+    for checkpointing in (False, True):
+        model = tiny_model().train()  # the same weights both times
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        assert model.is_activation_checkpointing == checkpointing
+        layers = model.model.language_model.layers
+        mlp = type(layers[0].mlp)  # counted at the class, where the replay during backward shows too
+        with mock.patch.object(mlp, "forward", autospec=True, side_effect=mlp.forward) as mlp_forward:
+            model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        assert mlp_forward.call_count == len(layers) * (2 if checkpointing else 1)  # checkpointed layers run again
+        gradients[checkpointing] = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert gradients[True].keys() == gradients[False].keys() and gradients[True]
+    for name, gradient in gradients[False].items():
+        assert torch.allclose(gradients[True][name], gradient, atol=1e-6), name
 
 
 def test_other_decoder_families_work_as_the_language_model():
