@@ -60,6 +60,19 @@ def test_architecture_is_the_papers():
     assert projectors["video"].frame_embeddings.shape[0] == model.config.num_frames
     assert isinstance(projectors["audio"], AnyMALLinearProjector)
     assert isinstance(projectors["imu"], AnyMALLinearProjector)
+    config, text_hidden = model.config, model.config.text_config.hidden_size
+    for name in ("image", "video"):  # Perceiver Resamplers: num_tokens latents in the encoder's width, then projected
+        encoder_hidden = config.get_encoder_config(name).hidden_size
+        assert projectors[name].latents.shape == (config.num_tokens[name], encoder_hidden)
+        assert len(projectors[name].layers) == config.resampler_depth
+        assert (projectors[name].proj.in_features, projectors[name].proj.out_features) == (encoder_hidden, text_hidden)
+    for name in ("audio", "imu"):  # linear: one pooled embedding to num_tokens LLM tokens
+        assert projectors[name].proj.out_features == config.num_tokens[name] * text_hidden
+    inputs = make_inputs(config, [ALL])
+    with torch.no_grad():
+        tokens = model(**inputs).modality_hidden_states
+    assert {name: tuple(t.shape) for name, t in tokens.items()} == {
+        name: (1, config.num_tokens[name], text_hidden) for name in config.modalities}
 
 
 def test_separate_video_encoder_is_built_from_video_config():
