@@ -44,3 +44,27 @@ def test_parameter_counts_match_the_published_components(name):
     assert config.modalities == ["image", "video", "audio", "imu"]
     assert "video" not in model.model.encoders  # frames share the image tower
     assert counts["projectors"] < 0.05 * counts[llm]  # the small part that alignment trains
+
+
+@pytest.mark.parametrize("gpus", [2, 4, 8])
+def test_device_maps_of_anymal_70b_never_split_a_layer(gpus):
+    from accelerate import infer_auto_device_map
+
+    with torch.device("meta"):
+        model = AutoModelForMultimodalLM.from_config(AutoConfig.from_pretrained(TINY.parent / "anymal-70b"),
+                                                     dtype=torch.bfloat16)
+    no_split = model._no_split_modules
+    assert {"LlamaDecoderLayer", "CLIPEncoderLayer", "ClapAudioLayer", "AnyMALIMUEncoder", "AnyMALPerceiverLayer",
+            "AnyMALLinearProjector"} <= no_split
+    device_map = infer_auto_device_map(model, max_memory={**{gpu: "80GiB" for gpu in range(gpus)}, "cpu": "1000GiB"},
+                                       no_split_module_classes=list(no_split))
+    assert set(device_map.values()) <= set(range(gpus)), device_map  # 140 GB of bf16 weights fit on 2 x 80 GB
+
+    def device_of(parameter_name: str):
+        prefixes = [key for key in device_map if key == "" or parameter_name == key or parameter_name.startswith(key + ".")]
+        return device_map[max(prefixes, key=len)]
+
+    for name, module in model.named_modules():
+        if type(module).__name__ in no_split:
+            devices = {device_of(f"{name}.{parameter}") for parameter, _ in module.named_parameters()}
+            assert len(devices) == 1, f"{name} ({type(module).__name__}) is split over {devices}"

@@ -250,7 +250,8 @@ class AnyMALPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("text", *dict.fromkeys(spec.input_modality for spec in MODALITIES.values()))
     supports_gradient_checkpointing = True
-    _no_split_modules = ["AnyMALPerceiverLayer", "AnyMALLinearProjector"]
+    # with the encoders' and the language model's own (gathered in AnyMALModel); CLAP's audio tower declares none
+    _no_split_modules = ["AnyMALPerceiverLayer", "AnyMALLinearProjector", "ClapAudioLayer"]
     _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -345,6 +346,8 @@ class AnyMALModel(AnyMALPreTrainedModel):
         self.projectors = nn.ModuleDict({name: build_projector(config, name) for name in config.modalities})
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
+        for encoder in self.encoders.values():  # post_init gathers these from direct children, not a ModuleDict's
+            self._no_split_modules.update(encoder._no_split_modules or [])
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
