@@ -318,3 +318,16 @@ def test_imu2clip_checkpoint_converts_to_identical_embeddings(tmp_path):
     recordings = torch.randn(3, 6, 1000)  # 5 s at 200 Hz
     with torch.no_grad():
         assert torch.allclose(encoder(recordings).pooler_output, reference(recordings), atol=1e-6)
+
+
+def test_a_model_offloaded_to_disk_generates_the_same_tokens(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "model")
+    inputs = make_inputs(model.config, [ALL, ["text", "audio", "text"]])
+    whole = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    weights = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    offloaded = AutoModelForMultimodalLM.from_pretrained(  # a third of the weights in memory, the rest on disk
+        tmp_path / "model", device_map="auto", max_memory={"cpu": weights // 3}, offload_folder=tmp_path / "offload"
+    )
+    assert set(offloaded.hf_device_map.values()) == {"cpu", "disk"}
+    assert torch.equal(offloaded.generate(**inputs, max_new_tokens=5, do_sample=False), whole)
