@@ -60,3 +60,33 @@ def test_4bit_model_saves_and_reloads(checkpoint, tmp_path):
         assert torch.equal(reloaded.state_dict()[key], tensor), key
     with torch.no_grad():
         assert torch.allclose(reloaded(**inputs).logits, model(**inputs).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("config_class", ["QuantoConfig", "FbgemmFp8Config", "EetqConfig", "HiggsConfig"])
+def test_other_quantizers_are_told_to_leave_encoders_and_projectors_alone(config_class, checkpoint):
+    """Their backends need GPUs or packages this machine lacks, so the test stops where transformers takes over and
+    asks transformers' own matcher which layers the handed-over config quantizes."""
+    from unittest import mock
+
+    import transformers
+    from transformers import PreTrainedModel
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    users_config = getattr(transformers, config_class)(modules_to_not_convert=["model.language_model.layers.0.mlp"])
+    handed = {}
+    with mock.patch.object(PreTrainedModel, "from_pretrained", classmethod(lambda cls, *a, **k: handed.update(k))):
+        AutoModelForMultimodalLM.from_pretrained(checkpoint, quantization_config=users_config)
+    skipped = handed["quantization_config"].modules_to_not_convert
+    assert users_config.modules_to_not_convert == ["model.language_model.layers.0.mlp"]  # the user's object untouched
+    for name, module in tiny_model().named_modules():
+        if isinstance(module, nn.Linear):
+            expected = name.startswith("model.language_model.") and ".layers.0.mlp." not in name
+            assert should_convert_module(name, skipped) == expected, name
+
+
+def test_a_quantizer_that_cannot_skip_modules_is_refused(checkpoint):
+    from transformers import GPTQConfig
+
+    with pytest.raises(ValueError, match="GPTQConfig cannot leave modules unquantized, so it would quantize AnyMAL's "
+                                         "encoders and projectors too"):
+        AutoModelForMultimodalLM.from_pretrained(checkpoint, quantization_config=GPTQConfig(bits=4))

@@ -22,6 +22,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.quantizers import AutoQuantizationConfig
 from transformers.utils import auto_docstring, can_return_tuple
 
 from .compatibility_anymal import (
@@ -244,6 +245,23 @@ FORWARD_ARGUMENTS = r"""
 """
 
 
+def skip_in_quantization(quantization_config, patterns: list[str]):
+    """A copy of `quantization_config` that also leaves the modules matching `patterns` unquantized: its
+    `llm_int8_skip_modules` (bitsandbytes) or `modules_to_not_convert` (the other quantizers) extended."""
+    if isinstance(quantization_config, dict):
+        quantization_config = AutoQuantizationConfig.from_dict(quantization_config)
+    field = "llm_int8_skip_modules" if isinstance(quantization_config, BitsAndBytesConfig) else "modules_to_not_convert"
+    if not hasattr(quantization_config, field):
+        raise ValueError(
+            f"{type(quantization_config).__name__} cannot leave modules unquantized, so it would quantize AnyMAL's "
+            "encoders and projectors too; quantize the language model with BitsAndBytesConfig(load_in_4bit=True) "
+            "(or 8-bit), or another config that has `modules_to_not_convert`."
+        )
+    quantization_config = copy.deepcopy(quantization_config)
+    setattr(quantization_config, field, list(dict.fromkeys((getattr(quantization_config, field) or []) + patterns)))
+    return quantization_config
+
+
 @auto_docstring
 class AnyMALPreTrainedModel(PreTrainedModel):
     config: AnyMALConfig
@@ -257,7 +275,7 @@ class AnyMALPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    # kept out of bitsandbytes quantization: only the language model is quantized
+    # kept out of quantization (see from_pretrained): only the language model is quantized
     _modules_not_to_quantize = [r"(model\.)?encoders", r"(model\.)?projectors", "lm_head"]
 
     def _init_weights(self, module):
@@ -269,11 +287,9 @@ class AnyMALPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, quantization_config=None, **kwargs):
-        """As [`PreTrainedModel.from_pretrained`]; a `BitsAndBytesConfig` quantizes only the language model."""
-        if isinstance(quantization_config, BitsAndBytesConfig):
-            quantization_config = copy.deepcopy(quantization_config)
-            skipped = quantization_config.llm_int8_skip_modules or []
-            quantization_config.llm_int8_skip_modules = list(dict.fromkeys(skipped + cls._modules_not_to_quantize))
+        """As [`PreTrainedModel.from_pretrained`]; a `quantization_config` quantizes only the language model."""
+        if quantization_config is not None:
+            quantization_config = skip_in_quantization(quantization_config, cls._modules_not_to_quantize)
         return super().from_pretrained(*args, quantization_config=quantization_config, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
