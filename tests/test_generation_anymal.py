@@ -96,7 +96,11 @@ def test_sampling_with_several_sequences_per_prompt():
     model = tiny_model()
     inputs = make_inputs(model.config, [["image", "audio", "text"], ["imu", "text"]])
     out = model.generate(**inputs, max_new_tokens=3, do_sample=True, num_return_sequences=3)
-    assert out.shape == (6, inputs["input_ids"].shape[1] + 3)
+    prompt_length = inputs["input_ids"].shape[1]
+    assert out.shape == (6, prompt_length + 3)
+    assert torch.equal(out[:, :prompt_length], inputs["input_ids"].repeat_interleave(3, dim=0))  # each under its prompt
+    assert not set(out[:, prompt_length:].flatten().tolist()) & {  # sampling never draws a placeholder either
+        getattr(model.config, f"{name}_token_id") for name in model.config.modalities}
 
 
 def test_each_item_is_encoded_once_per_generate_call():

@@ -629,7 +629,8 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
             imu_values=imu_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=resolve_cache_argument(cache, past_key_values),
+            cache=cache,
+            past_key_values=past_key_values,  # AnyMALModel resolves the two names
             inputs_embeds=inputs_embeds,
             encoder_features=encoder_features,
             mm_encoder_outputs=mm_encoder_outputs,
