@@ -27,6 +27,9 @@ def test_example_scripts_document_their_options():
         "convert_imu2clip_checkpoint.py": ["--checkpoint", "--output_dir", "--window_length", "--sampling_rate"],
         "cache_features.py": ["--model_name_or_path", "--dataset_name", "--dataset_from_disk", "--output_dir",
                               "--imu_sampling_rate", "--dtype", "--batch_size"],
+        "plan_memory.py": ["--config", "--stage", "--dtype", "--load_in_4bit", "--load_in_8bit", "--use_bnb_nested_quant",
+                           "--no_peft", "--lora_r", "--per_device_train_batch_size", "--sequence_length",
+                           "--gradient_checkpointing", "--gpu_memory_gib"],
         "evaluate.py": ["--model_name_or_path", "--dataset_name", "--split", "--output_dir", "--batch_size",
                         "--max_new_tokens", "--group_by", "--zero_inputs"],
     }

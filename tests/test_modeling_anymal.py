@@ -331,3 +331,19 @@ def test_a_model_offloaded_to_disk_generates_the_same_tokens(tmp_path):
     )
     assert set(offloaded.hf_device_map.values()) == {"cpu", "disk"}
     assert torch.equal(offloaded.generate(**inputs, max_new_tokens=5, do_sample=False), whole)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_projector_outputs_move_to_the_language_models_device(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    inputs = make_inputs(model.config, [ALL])
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    device_map = {"model.encoders": 1, "model.projectors": 1, "model.language_model": 0, "lm_head": 1}
+    split = AutoModelForMultimodalLM.from_pretrained(tmp_path, device_map=device_map)
+    with torch.no_grad():
+        logits = split(**{key: value.to("cuda:1") for key, value in inputs.items()}).logits
+    assert split.model.projectors["image"].proj.weight.device == torch.device("cuda:1")
+    assert split.model.language_model.embed_tokens.weight.device == torch.device("cuda:0")
+    torch.testing.assert_close(logits.cpu(), expected, rtol=1e-3, atol=1e-3)
