@@ -1,8 +1,6 @@
 """examples/build_anymal.py composes AnyMAL from tiny component checkpoints saved here, as it would from the Hub."""
 
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ from transformers import (
 from transformers_anymal import AnyMALIMUConfig, AnyMALIMUEncoder
 
 from anymal_tester import TINY
+from child_process import run_python
 
 
 SCRIPT = TINY.parents[1] / "examples" / "build_anymal.py"
@@ -32,7 +31,7 @@ TOWER = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "i
 
 
 def build(*args):
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=300)
+    return run_python(SCRIPT, *args, check=False, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import configparser
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -13,6 +12,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from transformers_anymal.compatibility_anymal import OLDEST_SUPPORTED, SUPPORTED_RANGE, check_transformers_version
+
+import child_process
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +72,7 @@ def test_a_supported_transformers_passes_silently(version, recwarn):
 
 
 def run_python(code: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
-                          cwd=cwd)
+    return child_process.run_python("-c", textwrap.dedent(code), check=False, timeout=300, cwd=cwd)
 
 
 def test_importing_the_package_logs_nothing():  # no warning, no `@auto_docstring` error about our signatures

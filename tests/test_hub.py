@@ -3,8 +3,6 @@ installed and with only transformers (`trust_remote_code=True`)."""
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -13,6 +11,7 @@ from safetensors.torch import load as load_file_bytes
 from safetensors.torch import load_file
 
 from anymal_tester import TINY
+from child_process import run_python
 from hub_server import HubServer
 
 
@@ -78,17 +77,13 @@ def hub(tmp_path_factory):
     env = {**os.environ, "HF_ENDPOINT": server.endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_local_test_token",
            "HF_HOME": str(cache), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
     local = tmp_path_factory.mktemp("local-copy")
-    pushed = subprocess.run([sys.executable, "-c", PUSH, str(local)], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    run_python("-c", PUSH, local, env=env, timeout=300)
     yield server, env, local
     server.close()
 
 
 def load(env, local, mode):
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(LOAD), str(local), mode], env=env,
-                            capture_output=True, text=True, timeout=300, cwd=str(local.parent))
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python("-c", textwrap.dedent(LOAD), local, mode, env=env, timeout=300, cwd=local.parent)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -132,13 +127,10 @@ def test_the_trainers_push_loads_back(hub, tmp_path):
     tiny_model().save_pretrained(tmp_path / "base")
     AutoProcessor.from_pretrained(TINY).save_pretrained(tmp_path / "base")
     script = TINY.parents[1] / "examples" / "sft.py"
-    trained = subprocess.run(
-        [sys.executable, str(script), "--model_name_or_path", str(tmp_path / "base"), "--dataset_name",
-         make_chat_dataset(tmp_path / "data"), "--dataset_from_disk", "--imu_sampling_rate", "100", "--output_dir",
-         str(tmp_path / "sft"), "--max_steps", "2", "--use_cpu", "--bf16", "false", "--report_to", "none",
-         "--push_to_hub", "--hub_model_id", "tester/anymal-sft"],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_python(script, "--model_name_or_path", tmp_path / "base", "--dataset_name",
+               make_chat_dataset(tmp_path / "data"), "--dataset_from_disk", "--imu_sampling_rate", "100", "--output_dir",
+               tmp_path / "sft", "--max_steps", "2", "--use_cpu", "--bf16", "false", "--report_to", "none",
+               "--push_to_hub", "--hub_model_id", "tester/anymal-sft", env=env)
     assert {"adapter_model.safetensors", "adapter_config.json", "processor_config.json", "README.md"} <= set(
         server.repos["tester/anymal-sft"])
     check = """
@@ -154,8 +146,8 @@ lora = {key.removeprefix("base_model.model.").replace(".weight", ".default.weigh
 assert lora and all(torch.equal(state[key], tensor) for key, tensor in lora.items())  # the trained adapters
 print("loaded", type(model).__name__)
 """.replace("ADAPTER", repr(str(tmp_path / "sft" / "adapter_model.safetensors")))
-    loaded = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
-    assert loaded.returncode == 0 and "loaded AnyMALForConditionalGeneration" in loaded.stdout, loaded.stderr[-3000:]
+    loaded = run_python("-c", check, env=env, timeout=300)
+    assert "loaded AnyMALForConditionalGeneration" in loaded.stdout
 
 
 def test_4bit_alignment_pushes_the_full_precision_result(hub, tmp_path):
@@ -166,13 +158,10 @@ def test_4bit_alignment_pushes_the_full_precision_result(hub, tmp_path):
     server, env, _ = hub
     tiny_model().save_pretrained(tmp_path / "base")
     AutoProcessor.from_pretrained(TINY).save_pretrained(tmp_path / "base")
-    trained = subprocess.run(
-        [sys.executable, str(TINY.parents[1] / "examples" / "align.py"), "--model_name_or_path", str(tmp_path / "base"),
-         "--dataset_name", make_chat_dataset(tmp_path / "data"), "--dataset_from_disk", "--imu_sampling_rate", "100",
-         "--output_dir", str(tmp_path / "aligned"), "--max_steps", "2", "--load_in_4bit", "--use_cpu", "--bf16",
-         "false", "--report_to", "none", "--push_to_hub", "--hub_model_id", "tester/anymal-aligned"],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_python(TINY.parents[1] / "examples" / "align.py", "--model_name_or_path", tmp_path / "base",
+               "--dataset_name", make_chat_dataset(tmp_path / "data"), "--dataset_from_disk", "--imu_sampling_rate",
+               "100", "--output_dir", tmp_path / "aligned", "--max_steps", "2", "--load_in_4bit", "--use_cpu", "--bf16",
+               "false", "--report_to", "none", "--push_to_hub", "--hub_model_id", "tester/anymal-aligned", env=env)
     files = server.repos["tester/anymal-aligned"]
     assert "model.safetensors" in files and "adapter_config.json" not in files  # PEFT's copies stay local
     pushed = load_file_bytes(files["model.safetensors"])

@@ -23,6 +23,7 @@ from transformers_anymal import (
 )
 
 from anymal_tester import TINY, make_inputs, tiny_config, tiny_model
+from child_process import run_python
 
 
 ALL = ["text", "image", "text", "video", "audio", "imu", "text"]
@@ -301,8 +302,6 @@ class IMU2CLIPEncoder(nn.Module):
 
 
 def test_imu2clip_checkpoint_converts_to_identical_embeddings(tmp_path):
-    import subprocess
-    import sys
 
     reference = IMU2CLIPEncoder().eval()
     for parameter in reference.parameters():  # GroupNorm affine weights away from their identity init
@@ -311,7 +310,7 @@ def test_imu2clip_checkpoint_converts_to_identical_embeddings(tmp_path):
     torch.save({"state_dict": {f"imu_encoder.{k}": v for k, v in reference.state_dict().items()},
                 "epoch": 3}, checkpoint)
     script = TINY.parents[1] / "examples" / "convert_imu2clip_checkpoint.py"
-    subprocess.run([sys.executable, script, "--checkpoint", checkpoint, "--output_dir", tmp_path / "imu"], check=True)
+    run_python(script, "--checkpoint", checkpoint, "--output_dir", tmp_path / "imu")
 
     encoder = AutoModel.from_pretrained(tmp_path / "imu").eval()
     assert isinstance(encoder, AnyMALIMUEncoder) and encoder.config.hidden_size == 512

@@ -2,8 +2,6 @@
 meta model holds (7B, 13B, 70B); its activation estimate is close to what autograd keeps."""
 
 import importlib.util
-import subprocess
-import sys
 from collections import Counter
 
 import bitsandbytes as bnb
@@ -17,6 +15,7 @@ from trl import ModelConfig
 from transformers_anymal.training_anymal import lora_config, projector_tuning_config
 
 from anymal_tester import TINY, tiny_model
+from child_process import run_python
 
 
 EXAMPLES = TINY.parents[1] / "examples"
@@ -158,13 +157,11 @@ def test_activation_estimate_is_close_to_what_autograd_keeps(lora):
 def test_plan_of_the_paper_setting_prints_each_figure_and_a_verdict():
     command = ["--config", str(TINY.parent / "anymal-70b"), "--stage", "align", "--load_in_4bit",
                "--per_device_train_batch_size", "4", "--gradient_checkpointing", "--dtype", "bfloat16"]
-    output = subprocess.run([sys.executable, EXAMPLES / "plan_memory.py", *command], capture_output=True, text=True,
-                            check=True, timeout=300).stdout
+    output = run_python(EXAMPLES / "plan_memory.py", *command, timeout=300).stdout
     memory = plan_memory.main(command)
     for figure in ("weights, all", "gradients", "AdamW states", "activations (estimate", "total"):
         assert figure in output
     assert f"{memory.total / 2**30:.2f} GiB" in output
     assert "verdict: fits on one 80 GiB GPU" in output and "single 80 GB GPU with batch size 4" in output
-    too_small = subprocess.run([sys.executable, EXAMPLES / "plan_memory.py", *command, "--gpu_memory_gib", "40"],
-                               capture_output=True, text=True, check=True, timeout=300).stdout
+    too_small = run_python(EXAMPLES / "plan_memory.py", *command, "--gpu_memory_gib", "40", timeout=300).stdout
     assert "verdict: does NOT fit on one 40 GiB GPU" in too_small
