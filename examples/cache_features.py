@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                         help="precision the features are stored in")
     parser.add_argument("--batch_size", type=int, default=32, help="rows encoded together")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs (default: %(default)s)")
     args = parser.parse_args(argv)
 
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)

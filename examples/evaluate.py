@@ -38,7 +38,8 @@ def parse_args(argv=None):
     parser.add_argument("--zero_inputs", action="store_true",
                         help="ablation: replace every modality input (or cached encoder feature) by zeros; accuracy "
                              "should fall to chance")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs (default: %(default)s)")
     return parser.parse_args(argv)
 
 

@@ -4,6 +4,7 @@ the projectors trained in full, encoders frozen.
     accelerate launch examples/sft.py --model_name_or_path anymal-aligned --dataset_name my/mm-instructions \\
         --output_dir anymal-sft [--load_in_4bit] [--merge] [--push_to_hub]
     accelerate launch examples/sft.py  # no options: the whole recipe at toy scale on bundled data (anymal_demo/)
+    accelerate launch examples/sft.py --verbose  # the same, with every step's own output on the terminal
 
 Rows hold a chat (`messages`, or `prompt` + `completion`) whose media blocks take their items inline or from the
 `images`/`videos`/`audios`/`imus` (list per row) or `image`/`video`/`audio`/`imu` (one per row) columns; see
@@ -76,9 +77,9 @@ def cli(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        cli()
-    else:  # no options: the paper's whole recipe at toy scale on bundled data (examples/anymal_demo)
+    if sys.argv[1:] in ([], ["--verbose"]):  # the paper's whole recipe at toy scale on bundled data (anymal_demo/)
         from anymal_demo import run_demo
 
-        run_demo()
+        run_demo(verbose=sys.argv[1:] == ["--verbose"])
+    else:
+        cli()

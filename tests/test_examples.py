@@ -1,16 +1,14 @@
 import re
-import subprocess
-import sys
 
 from anymal_tester import TINY
+from child_process import run_python
 
 
 EXAMPLES = TINY.parents[1] / "examples"
 
 
 def run(script, *args):
-    return subprocess.run([sys.executable, EXAMPLES / script, *args], capture_output=True, text=True, check=True,
-                          cwd=TINY.parents[1], timeout=300)
+    return run_python(EXAMPLES / script, *args, cwd=TINY.parents[1], timeout=300)
 
 
 def test_demo_runs_on_the_tiny_config():
@@ -26,12 +24,12 @@ def test_example_scripts_document_their_options():
         "demo.py": ["--model_name_or_path", "--max_new_tokens", "--seed"],
         "convert_imu2clip_checkpoint.py": ["--checkpoint", "--output_dir", "--window_length", "--sampling_rate"],
         "cache_features.py": ["--model_name_or_path", "--dataset_name", "--dataset_from_disk", "--output_dir",
-                              "--imu_sampling_rate", "--dtype", "--batch_size"],
+                              "--imu_sampling_rate", "--dtype", "--batch_size", "--device"],
         "plan_memory.py": ["--config", "--stage", "--dtype", "--load_in_4bit", "--load_in_8bit", "--use_bnb_nested_quant",
                            "--no_peft", "--lora_r", "--per_device_train_batch_size", "--sequence_length",
                            "--gradient_checkpointing", "--gpu_memory_gib"],
         "evaluate.py": ["--model_name_or_path", "--dataset_name", "--split", "--output_dir", "--batch_size",
-                        "--max_new_tokens", "--group_by", "--zero_inputs"],
+                        "--max_new_tokens", "--group_by", "--zero_inputs", "--device"],
     }
     for script, names in options.items():
         help_text = run(script, "--help").stdout
@@ -41,8 +39,7 @@ def test_example_scripts_document_their_options():
 
 def test_benchmarks_document_their_options():
     for script in ("run_all.py", "bench_inference.py", "bench_training.py", "bench_processor.py"):
-        result = subprocess.run([sys.executable, TINY.parents[1] / "benchmarks" / script, "--help"], capture_output=True,
-                                text=True, check=True, timeout=120)
+        result = run_python(TINY.parents[1] / "benchmarks" / script, "--help", timeout=300)
         assert "--quick" in result.stdout and "--device" in result.stdout
 
 

@@ -20,25 +20,48 @@ import torch
 from accelerate import PartialState
 from datasets import DatasetDict
 
+from .console import disk_usage, log_to, say, size
 from .data import CAPTION_PROMPTS, IMU_SAMPLING_RATE, build_demo_dataset, chance, load_media
 from .model import build_config, build_processor, pretrain_encoders, pretrain_language_model
 
 
 KINDS = ["image", "video", "audio", "imu", "pair"]
+KIND_LABELS = {"imu": "IMU", "pair": "two modalities"}
 TARGETS = {"image": 0.9, "video": 0.9, "audio": 0.9, "imu": 0.8, "pair": 0.8}
 ABLATION_MARGIN = 0.1
 
 
-def run_demo(output_dir: str = "outputs/anymal-demo", seed: int = 0) -> dict:
+def run_demo(output_dir: str = "outputs/anymal-demo", seed: int = 0, verbose: bool = False) -> dict:
+    """Runs the six steps and returns the report. The terminal shows each step, its progress bars and the results;
+    everything else goes to `<output_dir>/run.log` (to the terminal too when `verbose`)."""
+    if PartialState().num_processes > 1:
+        raise ValueError("The demo runs in one process; launch it without --num_processes/--multi_gpu.")
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()):
+        say(f"{out} holds an earlier run: every step runs again and overwrites it.")
+    with log_to(out / "run.log", verbose):
+        report = run_steps(out, seed)
+    say(table(report))
+    say(f"\nThe final checkpoint, through pipeline('any-to-text'): {report['pipeline_answer']}")
+    say(f"{'All targets met' if report['passed'] else 'Targets MISSED'} in {report['seconds']} s.")
+    say(f"\n  final checkpoint  {report['checkpoint']}  (plain; pipeline('any-to-text') and from_pretrained load it)")
+    say(f"  report            {out / 'report.json'}  (every prediction: {out}/eval*/report.json)")
+    if not verbose:
+        say(f"  log               {out / 'run.log'}  (each step's command line and output; --verbose shows it here)")
+    cached = disk_usage(out / "data") + disk_usage(out / "features")
+    say(f"  disk              {size(disk_usage(out))} in {out}, of which {size(cached)} cached data "
+        f"({out}/data, {out}/features: safe to delete)")
+    return report
+
+
+def run_steps(out: Path, seed: int) -> dict:
     import align
     import cache_features
     import evaluate
     import sft
 
-    if PartialState().num_processes > 1:
-        raise ValueError("The demo runs in one process; launch it without --num_processes/--multi_gpu.")
-    start, out = time.time(), Path(output_dir)
-    step = lambda text: print(f"\n[{time.time() - start:5.0f}s] {text}", flush=True)  # noqa: E731
+    start = time.time()
+    step = lambda text: say(f"\n[{time.time() - start:5.0f}s] {text}")  # noqa: E731
 
     step("1/6 data: digits, moving digits, spoken digits, BasicMotions")
     media = load_media(seed)
@@ -86,7 +109,7 @@ def run_demo(output_dir: str = "outputs/anymal-demo", seed: int = 0) -> dict:
     for title, (script, run, argv) in stages.items():
         step(title)
         argv = [str(arg) for arg in argv]
-        print(f"{script} {shlex.join(argv)}", flush=True)
+        print(f"\n{script} {shlex.join(argv)}", flush=True)
         run(argv)
 
     step("6/6 evaluation on held-out data")
@@ -107,16 +130,13 @@ def run_demo(output_dir: str = "outputs/anymal-demo", seed: int = 0) -> dict:
         "encoder_probe_accuracy": probes,
         "targets": TARGETS,
         "checkpoint": str(final),
+        "pipeline_answer": pipeline_answer(final, dataset["test"]),
         "seconds": round(time.time() - start),
     }
     report["passed"] = all(report["heldout_accuracy"][kind] >= TARGETS[kind]
                            and abs(report["ablation_accuracy"][kind] - report["chance"][kind]) <= ABLATION_MARGIN
                            for kind in KINDS)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(table(report))
-    print(f"\nThe final checkpoint, through pipeline('any-to-text'): {pipeline_answer(final, dataset['test'])}")
-    print(f"Report: {out / 'report.json'} ({'all targets met' if report['passed'] else 'targets MISSED'}; "
-          f"{report['seconds']} s)")
     return report
 
 
@@ -127,10 +147,10 @@ def text_only(messages: list[dict]) -> list[dict]:
 
 
 def table(report: dict) -> str:
-    rows = [f"{'held out':10} {'accuracy':>9} {'target':>7} {'zeroed':>7} {'chance':>7} {'CIDEr-D':>8} {'count':>6}"]
+    rows = [f"\n{'held out':15} {'accuracy':>9} {'target':>7} {'zeroed':>7} {'chance':>7} {'CIDEr-D':>8} {'count':>6}"]
     for kind in KINDS:
         cider = report["caption_cider_d"].get(kind)
-        rows.append(f"{kind:10} {report['heldout_accuracy'][kind]:9.3f} {TARGETS[kind]:7.2f} "
+        rows.append(f"{KIND_LABELS.get(kind, kind):15} {report['heldout_accuracy'][kind]:9.3f} {TARGETS[kind]:7.2f} "
                     f"{report['ablation_accuracy'][kind]:7.3f} {report['chance'][kind]:7.3f} "
                     f"{'-' if cider is None else f'{cider:.3f}':>8} {report['heldout_count'][kind]:6d}")
     return "\n".join(rows)

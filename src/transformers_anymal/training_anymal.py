@@ -93,11 +93,13 @@ def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, **kwarg
 
 
 def train(trainer, training_args) -> None:
-    """`trainer.train()`, resuming from the newest checkpoint for `--resume_from_checkpoint last`; then prints a
-    digest of each rank's trainable weights (equal on every rank of a healthy distributed run)."""
+    """`trainer.train()`, resuming from the newest checkpoint for `--resume_from_checkpoint last`; in a distributed
+    run, each rank then prints a digest of its trainable weights, which ranks in sync share."""
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
-    print(f"rank {trainer.accelerator.process_index}: trainable weights {checksum(trainer.model)}", flush=True)
+    if trainer.accelerator.num_processes > 1:
+        print(f"rank {trainer.accelerator.process_index}: digest of the trainable weights {checksum(trainer.model)} "
+              "(the same on every rank when the ranks are in sync)", flush=True)
 
 
 def projector_tuning_config(model: AnyMALForConditionalGeneration) -> LNTuningConfig:
