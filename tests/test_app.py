@@ -1,0 +1,114 @@
+"""examples/app.py, the Gradio chat: through gradio_client (fast) and in a real browser (Debian's chromium, driven by
+Playwright), on a tiny random checkpoint."""
+
+import importlib.util
+import os
+import shutil
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import AutoModelForMultimodalLM, AutoProcessor
+
+from anymal_tester import TINY, tiny_model
+
+
+spec = importlib.util.spec_from_file_location("anymal_app", TINY.parents[1] / "examples" / "app.py")
+app_module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(app_module)
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    path = tmp_path_factory.mktemp("anymal-tiny-checkpoint")
+    tiny_model().save_pretrained(path)
+    AutoProcessor.from_pretrained(TINY).save_pretrained(path)
+    model, processor = AutoModelForMultimodalLM.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = app_module.build_app(model, processor, max_new_tokens=4).queue()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "digit.png")
+    np.save(folder / "walk.npy", rng.standard_normal((300, 6)))
+    np.save(folder / "three_channels.npy", rng.standard_normal((300, 3)))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    (folder / "notes.txt").write_text("hello")
+    return folder
+
+
+def ask(url, text, files, imu_sampling_rate=100):
+    from gradio_client import Client, handle_file
+
+    chat, _ = Client(url, verbose=False).predict(
+        {"text": text, "files": [handle_file(str(path)) for path in files]}, [], imu_sampling_rate,
+        api_name="/respond")
+    return chat
+
+
+def test_an_image_and_an_imu_recording_get_a_streamed_answer_that_names_them(url, media):
+    from gradio_client import Client, handle_file
+
+    job = Client(url, verbose=False).submit(
+        {"text": "What is the person doing?", "files": [handle_file(str(media / "digit.png")),
+                                                       handle_file(str(media / "walk.npy"))]},
+        [], 100, api_name="/respond")
+    updates = [chat[-1]["content"] for chat, _ in job]  # what the page showed, update by update
+    texts = [content if isinstance(content, str) else content[0]["text"] for content in updates]
+    assert len(texts) >= 3 and all(later.startswith(earlier) for earlier, later in zip(texts[:-2], texts[1:-1]))
+    chat = job.outputs()[-1][0]
+    answer = chat[-1]
+    assert answer["role"] == "assistant"
+    text = answer["content"] if isinstance(answer["content"], str) else answer["content"][0]["text"]
+    reply, used = text.split("\n\n*used: ")
+    assert reply.strip() and used == "image digit.png, imu walk.npy*"
+    shown = [message for message in chat if message["role"] == "user"]
+    assert len(shown) == 3  # the image, the IMU recording's plot, the question
+
+
+@pytest.mark.parametrize("file, message", [
+    ("broken.png", "broken.png"),
+    ("notes.txt", "is not a file type this chat reads"),
+    ("three_channels.npy", "channel"),
+])
+def test_a_file_the_processor_refuses_gets_its_message_in_the_chat(url, media, file, message):
+    chat = ask(url, "What is it?", [media / file])
+    answer = chat[-1]["content"]
+    text = answer if isinstance(answer, str) else answer[0]["text"]
+    assert text.startswith("⚠️") and message in text
+    assert ask(url, "And now?", [media / "digit.png"])[-1]["role"] == "assistant"  # the app keeps working
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),  # .ci/run installs it, and must run this
+                    reason="needs Debian's chromium: apt-get install chromium")
+def test_in_a_browser_a_question_with_an_image_gets_a_streamed_answer(url, media, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1000, "height": 800})
+        page.goto(url, wait_until="domcontentloaded")
+        page.locator("input[type=file]").first.set_input_files(str(media / "digit.png"))
+        textbox = page.get_by_placeholder("Ask a question")
+        textbox.fill("Which digit is this?")
+        textbox.press("Enter")
+        answer = page.locator(".message.bot, [data-testid='bot']").last
+        answer.get_by_text("used: image digit.png").wait_for(timeout=60_000)
+        page.screenshot(path=tmp_path / "chat.png", full_page=True)
+        browser.close()
+    screenshot = Image.open(tmp_path / "chat.png")
+    assert screenshot.size[0] >= 1000
+    if directory := os.environ.get("ANYMAL_SCREENSHOTS"):
+        shutil.copy(tmp_path / "chat.png", directory)
