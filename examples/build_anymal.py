@@ -6,10 +6,12 @@
 
 Each component keeps its pretrained weights; the projectors are new (train them with examples/align.py). The
 placeholder tokens are added to the LLM's tokenizer and its embeddings resized, and the components' preprocessors
-are combined into an AnyMALProcessor. `--config` takes tokens per item and resampler settings from an AnyMAL config.
+are combined into an AnyMALProcessor, with a chat template in the LLM's own format (Llama-2-chat or ChatML) that also
+renders media blocks. `--config` takes tokens per item and resampler settings from an AnyMAL config.
 """
 
 import argparse
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -33,6 +35,7 @@ from transformers_anymal import (
     AnyMALVideoProcessor,
 )
 from transformers_anymal.modeling_anymal import build_projector, encoder_class
+from transformers_anymal.processing_anymal import CHAT_TEMPLATE, CHATML_TEMPLATE
 
 
 SETTINGS = ("num_tokens", "num_frames", "resampler_depth", "resampler_num_heads", "resampler_head_dim")
@@ -47,6 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--audio_encoder", help="CLAP checkpoint; its audio tower encodes audio")
     parser.add_argument("--imu_encoder", help="AnyMALIMUEncoder directory (examples/convert_imu2clip_checkpoint.py)")
     parser.add_argument("--config", help="AnyMAL config to take num_tokens, num_frames and resampler settings from")
+    parser.add_argument("--chat_template", default="auto",
+                        help="auto (the LLM's format: ChatML if its template uses <|im_start|>, else Llama-2-chat), "
+                             "llama2, chatml, or a .jinja file")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--output_dir", required=True, help="where to save the model and processor")
     parser.add_argument("--push_to_hub", action="store_true", help="also push model and processor to the Hub")
@@ -124,8 +130,9 @@ def main(argv=None):
         image_processor=_preprocessor(AutoImageProcessor, args.image_encoder, CLIPImageProcessor),
         video_processor=_video_processor(args.video_encoder or args.image_encoder, config),
         feature_extractor=_audio_feature_extractor(args.audio_encoder, config),
-        imu_feature_extractor=_imu_feature_extractor(config),
+        imu_feature_extractor=_imu_feature_extractor(args.imu_encoder, config),
         tokenizer=tokenizer,
+        chat_template=_chat_template(args.chat_template, tokenizer),
         num_tokens=config.num_tokens,
     )
     model.save_pretrained(args.output_dir)
@@ -163,12 +170,25 @@ def _audio_feature_extractor(path, config: AnyMALConfig) -> ClapFeatureExtractor
     return extractor
 
 
-def _imu_feature_extractor(config: AnyMALConfig) -> AnyMALIMUFeatureExtractor:
+def _imu_feature_extractor(path, config: AnyMALConfig) -> AnyMALIMUFeatureExtractor:
+    """The IMU encoder's own feature extractor when its folder has one (e.g. with normalisation statistics), else
+    one that fits the encoder's config."""
+    if path is not None and (Path(path) / "preprocessor_config.json").exists():
+        return AnyMALIMUFeatureExtractor.from_pretrained(path)
     if config.imu_config is None:
         return AnyMALIMUFeatureExtractor()
     return AnyMALIMUFeatureExtractor(num_channels=config.imu_config.num_channels,
                                      sampling_rate=config.imu_config.sampling_rate,
                                      window_length=config.imu_config.window_length)
+
+
+def _chat_template(choice: str, tokenizer) -> str:
+    """The processor's template: media blocks rendered as placeholders, the rest in the LLM's format."""
+    if choice == "auto":
+        choice = "chatml" if "<|im_start|>" in (tokenizer.chat_template or "") else "llama2"
+    if choice in ("llama2", "chatml"):
+        return CHAT_TEMPLATE if choice == "llama2" else CHATML_TEMPLATE
+    return Path(choice).read_text()
 
 
 if __name__ == "__main__":

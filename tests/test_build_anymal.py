@@ -20,18 +20,22 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from transformers_anymal import AnyMALIMUConfig, AnyMALIMUEncoder
+from transformers_anymal import AnyMALDataCollator, AnyMALIMUConfig, AnyMALIMUEncoder, AnyMALIMUFeatureExtractor
+from transformers_anymal.processing_anymal import CHAT_TEMPLATE, CHATML_TEMPLATE
 
 from anymal_tester import TINY
 from child_process import run_python
 
 
 SCRIPT = TINY.parents[1] / "examples" / "build_anymal.py"
+CHATML_OF_THE_LLM = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                     "{% endif %}")
 TOWER = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
 
 
 def build(*args):
-    return run_python(SCRIPT, *args, check=False, timeout=300)
+    return run_python(SCRIPT, *args, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +63,19 @@ def parts(tmp_path_factory):
     ClapFeatureExtractor().save_pretrained(root / "clap")
     imu = AnyMALIMUEncoder(AnyMALIMUConfig(hidden_size=24))
     imu.save_pretrained(root / "imu")
+    imu.save_pretrained(root / "imu-normalised")  # with the feature extractor it was trained behind
+    AnyMALIMUFeatureExtractor(mean=[0.5] * 6, std=[2.0] * 6).save_pretrained(root / "imu-normalised")
+
+    chatml_words = [*words, "<|im_start|>", "<|im_end|>", "user", "assistant"]  # a ChatML LLM, as SmolLM2 or Qwen2
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(chatml_words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    chatml = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                     unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    chatml.chat_template = CHATML_OF_THE_LLM
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(chatml_words), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                 eos_token_id=chatml.eos_token_id)).save_pretrained(root / "chatml-llm")
+    chatml.save_pretrained(root / "chatml-llm")
     return {"root": root, "llm": llm.eval(), "clip": clip.eval(), "clap": clap.eval(), "imu": imu.eval()}
 
 
@@ -95,6 +112,33 @@ def test_composed_model_keeps_every_components_weights(parts):
     assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
 
 
+def test_the_chat_template_follows_the_llms_format(parts):
+    root = parts["root"]
+    build("--llm", root / "chatml-llm", "--imu_encoder", root / "imu", "--output_dir", root / "chatml")
+    processor = AutoProcessor.from_pretrained(root / "chatml")
+    assert processor.chat_template == CHATML_TEMPLATE
+    chat = [{"role": "user", "content": [{"type": "imu", "imu": np.random.randn(6, 400), "sampling_rate": 100},
+                                         {"type": "text", "text": "what is the person doing ?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "running"}]}]
+    assert processor.apply_chat_template(chat, tokenize=False) == (
+        "<|im_start|>user\n<imu>\nwhat is the person doing ?<|im_end|>\n<|im_start|>assistant\nrunning<|im_end|>\n")
+    assert processor.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True).endswith(
+        "<|im_end|>\n<|im_start|>assistant\n")
+    batch = AnyMALDataCollator(processor)([{"messages": chat}])
+    answer = batch["labels"][0][batch["labels"][0] != -100]
+    assert processor.tokenizer.convert_ids_to_tokens(answer) == ["running", "<|im_end|>"]  # the answer and its end
+
+    build("--llm", root / "llm", "--imu_encoder", root / "imu", "--output_dir", root / "llama2")
+    assert AutoProcessor.from_pretrained(root / "llama2").chat_template == CHAT_TEMPLATE
+
+
+def test_the_imu_encoders_own_feature_extractor_is_kept(parts):
+    root = parts["root"]
+    build("--llm", root / "llm", "--imu_encoder", root / "imu-normalised", "--output_dir", root / "normalised")
+    extractor = AutoProcessor.from_pretrained(root / "normalised").imu_feature_extractor
+    assert list(extractor.mean) == [0.5] * 6 and list(extractor.std) == [2.0] * 6
+
+
 def test_any_subset_of_modalities(parts):
     root = parts["root"]
     result = build("--llm", root / "llm", "--imu_encoder", root / "imu", "--output_dir", root / "imu-only")
@@ -104,7 +148,7 @@ def test_any_subset_of_modalities(parts):
 
 
 def test_no_encoder_is_an_error(parts):
-    result = build("--llm", parts["root"] / "llm", "--output_dir", parts["root"] / "nothing")
+    result = run_python(SCRIPT, "--llm", parts["root"] / "llm", "--output_dir", parts["root"] / "nothing", check=False)
     assert result.returncode != 0 and "Give at least one of --image_encoder" in result.stderr
 
 

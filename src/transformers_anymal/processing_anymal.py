@@ -26,7 +26,7 @@ BLOCK_KEYS = {
 # how many array dimensions one item has
 ITEM_NDIM = {"image": (2, 3), "video": (4,), "audio": (1,), "imu": (2,)}
 
-CHAT_TEMPLATE = (
+RENDER_CONTENT = (  # a message's content, its media blocks as their placeholders
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
     "{%- else -%}{%- for block in content -%}"
@@ -35,6 +35,9 @@ CHAT_TEMPLATE = (
     "{%- else -%}{{ raise_exception('Unknown content type ' ~ block['type'] ~ \"; use text, image, video, audio or imu\") }}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
+)
+CHAT_TEMPLATE = (  # Llama-2-chat's format
+    RENDER_CONTENT +
     "{%- if messages[0]['role'] == 'system' -%}"
     "{%- set system_message = render(messages[0]['content']) -%}{%- set loop_messages = messages[1:] -%}"
     "{%- else -%}{%- set system_message = none -%}{%- set loop_messages = messages -%}{%- endif -%}"
@@ -49,6 +52,19 @@ CHAT_TEMPLATE = (
     "{%- else -%}{{ raise_exception('Unknown role ' ~ message['role'] ~ '; use system, user or assistant') }}"
     "{%- endif -%}"
     "{%- endfor -%}"
+)
+CHATML_TEMPLATE = (  # ChatML, the format of SmolLM2, Qwen2 and others (without a default system message)
+    RENDER_CONTENT +
+    "{%- for message in messages -%}"
+    "{%- if message['role'] in ['system', 'user'] -%}"
+    "{{ '<|im_start|>' ~ message['role'] ~ '\n' ~ render(message['content']) | trim ~ '<|im_end|>\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{%- generation -%}{{ render(message['content']) | trim ~ '<|im_end|>' }}{%- endgeneration -%}{{ '\n' }}"
+    "{%- else -%}{{ raise_exception('Unknown role ' ~ message['role'] ~ '; use system, user or assistant') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
 )
 
 
