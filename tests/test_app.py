@@ -99,6 +99,8 @@ def test_in_a_browser_a_question_with_an_image_gets_a_streamed_answer(url, media
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1000, "height": 800})
+        requested = []
+        page.on("request", lambda request: requested.append(request.url))
         page.goto(url, wait_until="domcontentloaded")
         page.locator("input[type=file]").first.set_input_files(str(media / "digit.png"))
         textbox = page.get_by_placeholder("Ask a question")
@@ -108,6 +110,8 @@ def test_in_a_browser_a_question_with_an_image_gets_a_streamed_answer(url, media
         answer.get_by_text("used: image digit.png").wait_for(timeout=60_000)
         page.screenshot(path=tmp_path / "chat.png", full_page=True)
         browser.close()
+    outside = [address for address in requested if not address.startswith((url, "data:", "blob:"))]
+    assert not outside, outside  # offline: everything the page needs comes from the app itself
     screenshot = Image.open(tmp_path / "chat.png")
     assert screenshot.size[0] >= 1000
     if directory := os.environ.get("ANYMAL_SCREENSHOTS"):
