@@ -9,7 +9,7 @@ from transformers.cache_utils import Cache
 from transformers_anymal import MODALITIES
 from transformers_anymal.compatibility_anymal import CACHE_NAME
 
-from anymal_tester import make_inputs, tiny_model
+from anymal_tester import make_inputs, tiny_config, tiny_model
 
 
 ALL = ["text", "image", "text", "video", "audio", "imu", "text"]
@@ -42,6 +42,30 @@ def test_chunked_prefill_gives_the_same_tokens():
     whole = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert inputs["input_ids"].shape[1] > 3 * 8  # several chunks, with placeholder runs split between them
     assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False, prefill_chunk_size=8), whole)
+
+
+def narrower_model(seed: int):
+    """A tiny AnyMAL whose language model is narrower than the default one's, as a draft model is."""
+    config = tiny_config()
+    config.text_config.hidden_size, config.text_config.intermediate_size = 32, 64
+    return tiny_model(config, seed=seed)
+
+
+@pytest.mark.parametrize("assistant", ["same size", "narrower"])
+@pytest.mark.parametrize("sample", [ALL, ["text", "imu", "text", "imu"]], ids=["every modality", "two IMU items"])
+def test_assisted_decoding_gives_the_greedy_tokens(assistant, sample):
+    model = tiny_model()
+    draft = tiny_model(seed=1) if assistant == "same size" else narrower_model(seed=1)
+    inputs = make_inputs(model.config, [sample])
+    greedy = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=10, do_sample=False, assistant_model=draft), greedy)
+
+
+def test_prompt_lookup_decoding_gives_the_greedy_tokens():
+    model = tiny_model()
+    inputs = make_inputs(model.config, [ALL], text_length=12)  # text that the continuation may repeat
+    greedy = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3), greedy)
 
 
 def test_generation_from_inputs_embeds_equals_generation_from_input_ids():

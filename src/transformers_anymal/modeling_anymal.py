@@ -681,6 +681,12 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
             kwargs["prompt_embeds"], _ = self.model.embed_modalities(
                 input_ids, inputs_embeds, media, encoder_features, mm_encoder_outputs
             )
+        if getattr(generation_config, "is_assistant", False):
+            # the draft model of assisted decoding: transformers hands it the main model's inputs without media, so
+            # it reads the placeholders as the tokens they are (as LLaVA's assistants do), and the main model's
+            # logits processors, placeholder suppression included; the main model verifies every draft token
+            kwargs["prompt_embeds"] = self.get_input_embeddings()(input_ids)
+            return super().generate(inputs, generation_config, *args, **kwargs)
         placeholder_ids = {getattr(self.config, f"{name}_token_id") for name in self.config.modalities}
         suppressed = kwargs.get("suppress_tokens") or (generation_config or self.generation_config).suppress_tokens
         if placeholder_ids:  # added to the user's own suppressed tokens, wherever those were given
@@ -694,8 +700,9 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, *args, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
-        if not is_first_iteration and kwargs.get("use_cache", True):  # the prompt is in the cache after prefill
-            model_inputs.pop("prompt_embeds", None)
+        prompt_embeds, cache = model_inputs.get("prompt_embeds"), model_inputs.get(CACHE_NAME)
+        if prompt_embeds is not None and cache is not None and cache.get_seq_length() >= prompt_embeds.shape[1]:
+            model_inputs.pop("prompt_embeds")  # the whole prompt is in the cache
         return model_inputs
 
 
