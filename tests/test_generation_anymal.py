@@ -36,6 +36,14 @@ def test_greedy_generation_is_the_same_with_and_without_cache():
     assert torch.equal(cached, uncached)
 
 
+def test_a_static_cache_gives_the_same_tokens():
+    model = tiny_model()
+    inputs = make_inputs(model.config, [ALL, ["text", "audio", "text"]])
+    dynamic = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=8, do_sample=False, cache_implementation="static"),
+                       dynamic)
+
+
 def test_chunked_prefill_gives_the_same_tokens():
     model = tiny_model()
     inputs = make_inputs(model.config, [ALL, ["text", "audio", "text"]])
