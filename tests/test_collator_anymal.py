@@ -63,6 +63,24 @@ def test_rows_whose_media_and_blocks_disagree(collator, row, message):
         collator([row])
 
 
+def test_a_row_without_an_answer_is_refused_not_trained_on(collator):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "hi"}]}]
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] of the batch have no assistant answer to learn from"):
+        collator(rows)
+
+
+def test_bare_blocks_with_keys_holding_none_take_the_columns_item(collator):
+    recording = np.random.default_rng(0).standard_normal((6, 300))
+    block = {"type": "imu", "imu": None, "url": None, "path": None}  # a datasets column of blocks gives every key
+    row = {"messages": [{"role": "user", "content": [block, {"type": "text", "text": "Doing?"}]},
+                        {"role": "assistant", "content": "walking"}], "imus": [recording], "imu_sampling_rate": 50}
+    inline = {"messages": [{"role": "user", "content": [{"type": "imu", "imu": recording, "sampling_rate": 50},
+                                                        {"type": "text", "text": "Doing?"}]},
+                           {"role": "assistant", "content": "walking"}]}
+    assert torch.equal(collator([row])["imu_values"], collator([inline])["imu_values"])
+
+
 def test_missing_imu_rate_is_named():
     collator = AnyMALDataCollator(AutoProcessor.from_pretrained(TINY))
     row = {"messages": [{"role": "user", "content": [{"type": "imu"}]}], "imu": np.zeros((6, 300))}

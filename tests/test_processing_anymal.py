@@ -255,6 +255,23 @@ def test_bad_chat_blocks(processor):
         processor.apply_chat_template(chat({"type": "audio", "audio": np.zeros(100)}), tokenize=True)
 
 
+@pytest.mark.parametrize("content, message", [
+    (None, r"conversation 0, message 0: `content` is None"),
+    ([{"type": "text", "text": None}], r"message 0, block 0: a text block needs a string 'text', got NoneType"),
+])
+def test_chats_that_would_render_none_are_refused(processor, content, message):
+    with pytest.raises(ValueError, match=message):
+        processor.apply_chat_template([{"role": "user", "content": content}], tokenize=True)
+
+
+def test_blocks_with_keys_holding_none_as_datasets_writes_them(processor):
+    image = np.random.default_rng(0).integers(0, 256, (30, 30, 3), dtype=np.uint8)
+    plain = processor.apply_chat_template(chat({"type": "image", "image": image}), tokenize=True, return_dict=True)
+    padded = processor.apply_chat_template(chat({"type": "image", "image": image, "url": None, "path": None}),
+                                           tokenize=True, return_dict=True)
+    assert torch.equal(padded["pixel_values"], plain["pixel_values"])
+
+
 def test_tokenizer_without_a_placeholder_is_rejected(processor):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
@@ -288,3 +305,10 @@ def test_pil_images_and_arrays(processor):
     from_pil = processor(text="<image>", images=image)["pixel_values"]
     from_array = processor(text="<image>", images=np.array(image))["pixel_values"]
     assert torch.allclose(from_pil, from_array)
+
+
+def test_grayscale_arrays_are_images(processor):
+    gray = np.random.default_rng(0).integers(0, 256, (30, 20), dtype=np.uint8)
+    from_array = processor(text="<image>", images=gray)["pixel_values"]
+    as_pil = processor(text="<image>", images=Image.fromarray(gray))["pixel_values"]  # PIL's "L", made RGB
+    assert from_array.shape == as_pil.shape and torch.allclose(from_array, as_pil)

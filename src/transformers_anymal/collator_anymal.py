@@ -51,7 +51,12 @@ class AnyMALDataCollator:
         for name in ARGUMENTS:  # a media block inside an answer is input, not something to predict
             answers &= batch["input_ids"] != getattr(self.processor, f"{name}_token_id")
         batch["labels"] = batch["input_ids"].masked_fill(~answers, -100)
-        return dict(batch)
+        if not (nothing_to_learn := ~answers.any(1)).any():
+            return dict(batch)
+        raise ValueError(
+            f"row(s) {nothing_to_learn.nonzero().flatten().tolist()} of the batch have no assistant answer to learn "
+            "from; end each training chat with an assistant turn (or a `completion`)."
+        )
 
     def chat(self, row: dict, index: int = 0, decode: bool = True) -> list[dict]:
         """The row's chat with every media block holding its item; checks blocks against the media columns."""
@@ -96,8 +101,8 @@ class AnyMALDataCollator:
         name = block.get("type")
         if name not in ARGUMENTS:
             return block
-        if any(key in block for key in BLOCK_KEYS[name]):
-            item = block[BLOCK_KEYS[name][0]] if BLOCK_KEYS[name][0] in block else None
+        if any(block.get(key) is not None for key in BLOCK_KEYS[name]):  # keys holding None, as datasets gives them
+            item = block.get(BLOCK_KEYS[name][0])
         elif remaining[name]:
             item = remaining[name].pop(0)
         else:

@@ -68,6 +68,14 @@ CHATML_TEMPLATE = (  # ChatML, the format of SmolLM2, Qwen2 and others (without 
 )
 
 
+def _as_rgb(image):
+    """A 2-D (grayscale) array as a 3-channel one, which the image processor takes; anything else as it is."""
+    if getattr(image, "ndim", None) == 2:
+        image = np.asarray(image)
+        return np.repeat(image[..., None], 3, axis=-1)
+    return image
+
+
 class EncoderFeatures:
     """An item whose frozen-encoder features were computed earlier (feature caching): the processor expands its
     placeholder as for raw media and hands the features to the model as `encoder_features`."""
@@ -232,7 +240,7 @@ class AnyMALProcessor(ProcessorMixin):
     def _process(self, name: str, items: list, **options):
         if name == "image":
             images = [self._load(name, index, load_image, os.fspath(item)) if isinstance(item, (str, os.PathLike))
-                      else item for index, item in enumerate(items)]
+                      else _as_rgb(item) for index, item in enumerate(items)]
             return self.image_processor(images, return_tensors="pt")["pixel_values"]
         if name == "video":
             for index, item in enumerate(items):
@@ -308,18 +316,25 @@ class AnyMALProcessor(ProcessorMixin):
             found = {name: [] for name in ARGUMENTS}
             for message_index, message in enumerate(conversation):
                 content = message.get("content")
-                if content is None or isinstance(content, str):
+                if content is None:  # the template would render it as the word "None", or as nothing
+                    raise ValueError(f"conversation {conversation_index}, message {message_index}: `content` is None; "
+                                     "give a string or a list of content blocks.")
+                if isinstance(content, str):
                     continue
                 for block_index, block in enumerate(content):
                     where = f"conversation {conversation_index}, message {message_index}, block {block_index}"
                     block_type = block.get("type") if isinstance(block, dict) else None
                     if block_type == "text":
+                        if not isinstance(block.get("text"), str):
+                            raise ValueError(f"{where}: a text block needs a string 'text', got "
+                                             f"{type(block.get('text')).__name__}.")
                         continue
                     if block_type not in ARGUMENTS:
                         raise ValueError(
                             f"{where}: unknown content type {block_type!r}; use one of text, {', '.join(ARGUMENTS)}."
                         )
-                    values = [block[key] for key in BLOCK_KEYS[block_type] if key in block]
+                    # keys holding None are absent (datasets gives every row of a column of blocks every key)
+                    values = [block[key] for key in BLOCK_KEYS[block_type] if block.get(key) is not None]
                     if len(values) != 1:
                         raise ValueError(f"{where}: a {block_type} block needs exactly one of {BLOCK_KEYS[block_type]}.")
                     item = values[0]
