@@ -63,6 +63,17 @@ def test_rows_whose_media_and_blocks_disagree(collator, row, message):
         collator([row])
 
 
+@pytest.mark.parametrize("rows, message", [
+    ([], r"empty batch"),
+    ([{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}], r"row 0, message 0: a message is a dict"),
+    ([{"messages": [{"role": "user", "content": ["hello"]}, {"role": "assistant", "content": "x"}]}],
+     r"row 0, message 0, block 0: a content block is a dict"),
+])
+def test_malformed_rows_are_named(collator, rows, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        collator(rows)
+
+
 def test_a_row_without_an_answer_is_refused_not_trained_on(collator):
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
             {"messages": [{"role": "user", "content": "hi"}]}]

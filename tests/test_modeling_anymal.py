@@ -238,6 +238,13 @@ def test_lm_head_ties_to_the_embeddings_when_the_text_config_asks(tmp_path):
         (lambda i: i["imu_values"].__setitem__((0, 2, 10), float("nan")), r"NaN or infinite values in imu item\(s\) \[0\]"),
         (lambda i: i.update(pixel_values_videos=torch.randn(1, 9, 3, 32, 32)), "9 frames per item"),
         (lambda i: i.update(imu_values=[[0.0] * 1000] * 6), "imu_values must be a torch.Tensor"),
+        (lambda i: i.update(input_ids=i["input_ids"][:, :0], attention_mask=i["attention_mask"][:, :0]),
+         "The input has no tokens"),
+        (lambda i: i.update(imu_values=torch.randn(0, 6, 1000)), "imu_values holds no imu items"),
+        (lambda i: i.update(encoder_features={"imu": torch.randn(1, 7)}, imu_values=None),
+         r"encoder_features\['imu'\] has shape \(1, 7\) but this model's imu projector takes \(items, \d+\)"),
+        (lambda i: i.update(encoder_features={"image": torch.randn(1, 32)}, pixel_values=None),
+         r"encoder_features\['image'\] has shape \(1, 32\) but .* takes \(items, sequence, \d+\)"),
     ],
 )
 def test_bad_modality_inputs_raise_clear_errors(change, message):

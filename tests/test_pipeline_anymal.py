@@ -131,6 +131,12 @@ def test_a_checkpoint_without_processor_files_is_named(tmp_path):
         pipeline("any-to-text", model=str(tmp_path))
 
 
+@pytest.mark.parametrize("text", [[], [[]], [image_and_imu_chat(), []]], ids=["nothing", "an empty chat", "one empty"])
+def test_an_empty_chat_is_named(pipe, text):
+    with pytest.raises(ValueError, match="The pipeline got an empty chat"):
+        pipe(text, max_new_tokens=2)
+
+
 def test_an_unknown_content_type_is_named(pipe):
     with pytest.raises(ValueError, match="unknown content type 'smell'"):
         pipe([{"role": "user", "content": [{"type": "smell", "smell": "roses"}]}], max_new_tokens=2)

@@ -256,12 +256,31 @@ def test_bad_chat_blocks(processor):
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, r"conversation 0, message 0: `content` is None"),
+    (None, r"conversation 0, message 0: no `content` \(or None\)"),
     ([{"type": "text", "text": None}], r"message 0, block 0: a text block needs a string 'text', got NoneType"),
 ])
 def test_chats_that_would_render_none_are_refused(processor, content, message):
     with pytest.raises(ValueError, match=message):
         processor.apply_chat_template([{"role": "user", "content": content}], tokenize=True)
+
+
+def test_malformed_chats_and_media_are_named_not_crashed_on(processor, tmp_path):
+    truncated = tmp_path / "truncated.png"
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "whole.png")
+    truncated.write_bytes((tmp_path / "whole.png").read_bytes()[:100])
+    cases = [
+        (chat({"type": "image", "image": np.zeros((0, 10, 3), dtype=np.uint8)}), r"image 0: .*the image is empty"),
+        (chat({"type": "image", "image": Image.new("RGB", (0, 5))}), r"image 0: .*the image is empty"),
+        (chat({"type": "image", "image": Image.open(truncated)}), r"image 0: cannot read .*truncated"),
+        ([{"role": "user", "content": "hi \ud800"}], r"text 0: '\\ud800' at position \d+ is not valid Unicode"),
+        ([{"role": "user", "content": ["hello"]}], r"message 0, block 0: a content block is a dict"),
+        ([{"role": "tool", "content": "x"}], r"message 0: role 'tool'; this template takes system, user, assistant"),
+        ([], r"apply_chat_template got no messages"),
+        ([[{"role": "user", "content": "hi"}], []], r"conversation 1 has no messages"),
+    ]
+    for conversation, message in cases:
+        with pytest.raises((ValueError, TypeError), match=message):
+            processor.apply_chat_template(conversation, tokenize=True, return_dict=True)
 
 
 def test_blocks_with_keys_holding_none_as_datasets_writes_them(processor):

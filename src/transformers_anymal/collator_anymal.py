@@ -42,6 +42,8 @@ class AnyMALDataCollator:
     padding_side: str = "right"
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("AnyMALDataCollator got an empty batch; give it at least one row.")
         chats = [self.chat(row, index) for index, row in enumerate(rows)]
         batch = self.processor.apply_chat_template(
             chats, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt",
@@ -72,9 +74,16 @@ class AnyMALDataCollator:
                      for name, column in columns.items()}
         cached = {name: list(row[f"{name}_features"]) for name in ARGUMENTS if row.get(f"{name}_features") is not None}
         chat = []
-        for message in messages:
+        for message_index, message in enumerate(messages):
+            if not isinstance(message, dict) or "content" not in message:
+                raise ValueError(f"row {index}, message {message_index}: a message is a dict with 'role' and "
+                                 f"'content', got {message!r:.60}.")
             content = message["content"]
             if isinstance(content, list):
+                for block_index, block in enumerate(content):
+                    if not isinstance(block, dict):
+                        raise TypeError(f"row {index}, message {message_index}, block {block_index}: a content block "
+                                        f"is a dict such as {{'type': 'text', 'text': ...}}, got {block!r:.40}.")
                 content = [self._cached(block, cached, index) if block.get("type") in cached
                            else self._fill(block, remaining, columns, row, index, decode) for block in content]
             chat.append({**message, "content": content})

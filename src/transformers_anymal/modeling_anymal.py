@@ -405,7 +405,20 @@ class AnyMALModel(AnyMALPreTrainedModel):
             )
         if encoder_features is None:
             encoder_features = self.encode(name, values)
+        else:
+            self._check_encoder_features(name, encoder_features)
         return self.projectors[name](encoder_features)
+
+    def _check_encoder_features(self, name: str, features: torch.Tensor):
+        spec, width = MODALITIES[name], self.config.get_encoder_config(name).hidden_size
+        ndim = 2 + (spec.projector == "perceiver") + spec.has_frames  # (items, [frames,] [sequence,] width)
+        if not isinstance(features, torch.Tensor) or features.ndim != ndim or features.shape[-1] != width:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            layout = "(items, " + "frames, " * spec.has_frames + "sequence, " * (spec.projector == "perceiver")
+            raise ValueError(
+                f"encoder_features[{name!r}] has shape {shape} but this model's {name} projector takes "
+                f"{layout}{width}), what AnyMALModel.encode gives; cache features with this model's encoders."
+            )
 
     def _check_modality_values(self, name: str, values):
         spec, encoder_config = MODALITIES[name], self.config.get_encoder_config(name)
@@ -421,6 +434,8 @@ class AnyMALModel(AnyMALPreTrainedModel):
                 f"{spec.input_name} has shape {tuple(values.shape)} but this model's {name} encoder takes "
                 f"(num_items, {shape}); preprocess {name} inputs with this model's AnyMALProcessor."
             )
+        if values.shape[0] == 0:
+            raise ValueError(f"{spec.input_name} holds no {name} items; leave it out when there are none.")
         if spec.has_frames and values.shape[1] > self.config.num_frames:
             raise ValueError(
                 f"{spec.input_name} has {values.shape[1]} frames per item but the model's temporal embedding has "
@@ -528,6 +543,8 @@ class AnyMALModel(AnyMALPreTrainedModel):
         cache = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if (input_ids if input_ids is not None else inputs_embeds).shape[1] == 0:
+            raise ValueError("The input has no tokens (sequence length 0); give at least one token.")
         named_inputs = {"pixel_values": pixel_values, "pixel_values_videos": pixel_values_videos,
                         "input_features": input_features, "imu_values": imu_values}
         modality_values = {  # modalities added with `register_modality` arrive through **kwargs

@@ -67,6 +67,10 @@ class AnyToTextPipeline(AnyToAnyPipeline):
     """
 
     def __call__(self, text=None, images=None, videos=None, audio=None, imu=None, **kwargs):
+        if isinstance(text, (list, tuple)) and (not text or any(isinstance(chat, (list, tuple)) and not chat
+                                                                for chat in text)):
+            raise ValueError("The pipeline got an empty chat; give a chat (a list of messages), a list of chats or "
+                             "a text.")
         if imu is not None:  # reaches the processor through the preprocessing kwargs
             kwargs["imu"] = imu
         generate_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in GENERATE_ARGUMENTS}

@@ -26,6 +26,7 @@ BLOCK_KEYS = {
 # how many array dimensions one item has
 ITEM_NDIM = {"image": (2, 3), "video": (4,), "audio": (1,), "imu": (2,)}
 
+ROLES = ("system", "user", "assistant")  # what the chat templates render
 RENDER_CONTENT = (  # a message's content, its media blocks as their placeholders
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
@@ -68,11 +69,19 @@ CHATML_TEMPLATE = (  # ChatML, the format of SmolLM2, Qwen2 and others (without 
 )
 
 
-def _as_rgb(image):
-    """A 2-D (grayscale) array as a 3-channel one, which the image processor takes; anything else as it is."""
-    if getattr(image, "ndim", None) == 2:
+def _checked_image(image):
+    """An in-memory image ready for the image processor: PIL images fully read (a truncated file fails here, by
+    name), 2-D (grayscale) arrays given 3 channels; empty images refused."""
+    if hasattr(image, "load"):  # PIL reads lazily
+        image.load()
+        size = image.size
+    else:
         image = np.asarray(image)
-        return np.repeat(image[..., None], 3, axis=-1)
+        size = image.shape[:2] if image.ndim == 3 and image.shape[-1] in (1, 3, 4) else image.shape[-2:]
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+    if 0 in size:
+        raise ValueError(f"the image is empty (size {tuple(size)})")
     return image
 
 
@@ -177,6 +186,12 @@ class AnyMALProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(sample, str) for sample in texts):
             raise TypeError("`text` must be a string or a list of strings.")
+        for index, sample in enumerate(texts):
+            try:
+                sample.encode("utf-8")
+            except UnicodeEncodeError as error:  # a lone surrogate, e.g. from text decoded with errors="surrogateescape"
+                raise ValueError(f"text {index}: {sample[error.start:error.end]!r} at position {error.start} is not "
+                                 "valid Unicode; decode the text with errors='replace' or drop it.") from error
         given = {"image": images, "video": videos, "audio": audio, "imu": imu}
         options = {"audio": {"sampling_rate": sampling_rate}, "imu": {"sampling_rate": imu_sampling_rate},
                    "video": {key: kwargs.pop(key) for key in ("num_frames", "fps", "do_sample_frames") if key in kwargs}}
@@ -240,7 +255,7 @@ class AnyMALProcessor(ProcessorMixin):
     def _process(self, name: str, items: list, **options):
         if name == "image":
             images = [self._load(name, index, load_image, os.fspath(item)) if isinstance(item, (str, os.PathLike))
-                      else _as_rgb(item) for index, item in enumerate(items)]
+                      else self._load(name, index, _checked_image, item) for index, item in enumerate(items)]
             return self.image_processor(images, return_tensors="pt")["pixel_values"]
         if name == "video":
             for index, item in enumerate(items):
@@ -309,21 +324,35 @@ class AnyMALProcessor(ProcessorMixin):
             offsets.append(sample_offsets)
         return expanded, offsets
 
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        if isinstance(conversation, (list, tuple)) and not conversation:  # transformers would fail on an index
+            raise ValueError("apply_chat_template got no messages; give a chat (a list of messages) or a list of chats.")
+        return super().apply_chat_template(conversation, *args, **kwargs)
+
     def _multimodal_inputs_from_conversations(self, conversations, audio_loading_params, load_audio_from_video=False):
         """Collects every modality's items from chat content blocks, one list per conversation."""
         collected = {name: [] for name in ARGUMENTS}
         for conversation_index, conversation in enumerate(conversations):
             found = {name: [] for name in ARGUMENTS}
+            if not conversation:
+                raise ValueError(f"conversation {conversation_index} has no messages.")
             for message_index, message in enumerate(conversation):
+                if not isinstance(message, dict) or message.get("role") not in ROLES:
+                    role = message.get("role") if isinstance(message, dict) else None
+                    raise ValueError(f"conversation {conversation_index}, message {message_index}: role {role!r}; "
+                                     f"this template takes {', '.join(ROLES)} messages.")
                 content = message.get("content")
                 if content is None:  # the template would render it as the word "None", or as nothing
-                    raise ValueError(f"conversation {conversation_index}, message {message_index}: `content` is None; "
-                                     "give a string or a list of content blocks.")
+                    raise ValueError(f"conversation {conversation_index}, message {message_index}: no `content` (or "
+                                     "None); give a string or a list of content blocks.")
                 if isinstance(content, str):
                     continue
                 for block_index, block in enumerate(content):
                     where = f"conversation {conversation_index}, message {message_index}, block {block_index}"
-                    block_type = block.get("type") if isinstance(block, dict) else None
+                    if not isinstance(block, dict):
+                        raise TypeError(f"{where}: a content block is a dict such as {{'type': 'text', 'text': ...}}, "
+                                        f"got {type(block).__name__} {block!r:.40}.")
+                    block_type = block.get("type")
                     if block_type == "text":
                         if not isinstance(block.get("text"), str):
                             raise ValueError(f"{where}: a text block needs a string 'text', got "
