@@ -75,11 +75,11 @@ def _checked_image(image):
     if hasattr(image, "load"):  # PIL reads lazily
         image.load()
         size = image.size
-    else:
-        image = np.asarray(image)
-        size = image.shape[:2] if image.ndim == 3 and image.shape[-1] in (1, 3, 4) else image.shape[-2:]
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=-1)
+    else:  # arrays and tensors go on as they are, but for a missing channel axis
+        shape = tuple(np.shape(image))
+        size = shape[:2] if len(shape) == 3 and shape[-1] in (1, 3, 4) else shape[-2:]
+        if len(shape) == 2:
+            image = np.repeat(np.asarray(image)[..., None], 3, axis=-1)
     if 0 in size:
         raise ValueError(f"the image is empty (size {tuple(size)})")
     return image
