@@ -214,16 +214,6 @@ def build_encoder(config) -> PreTrainedModel:
     return AutoModel.from_config(config)
 
 
-def run_encoder(encoder: nn.Module, name: str, values: torch.Tensor) -> torch.Tensor:
-    """What `name`'s encoder hands its projector for `values`: the sequence for Perceiver modalities, the pooled
-    output for linear ones; clips go through it frame by frame (see `AnyMALModel.encode`)."""
-    spec = MODALITIES[name]
-    items = values.flatten(0, 1) if spec.has_frames else values
-    outputs = encoder(items.to(encoder.dtype), return_dict=True)
-    features = outputs.last_hidden_state if spec.projector == "perceiver" else outputs.pooler_output
-    return features.unflatten(0, values.shape[:2]) if spec.has_frames else features
-
-
 def build_projector(config: AnyMALConfig, name: str) -> nn.Module:
     spec, input_size = MODALITIES[name], config.get_encoder_config(name).hidden_size
     if spec.projector == "perceiver":
@@ -391,7 +381,11 @@ class AnyMALModel(AnyMALPreTrainedModel):
         `(num_items, frames, seq, hidden)`); linear ones its pooled output, `(num_items, hidden)`.
         """
         self._check_modality_values(name, values)
-        return run_encoder(self.modality_encoder(name), name, values)
+        spec, encoder = MODALITIES[name], self.modality_encoder(name)
+        items = values.flatten(0, 1) if spec.has_frames else values  # frames go through the encoder one by one
+        outputs = encoder(items.to(encoder.dtype), return_dict=True)
+        features = outputs.last_hidden_state if spec.projector == "perceiver" else outputs.pooler_output
+        return features.unflatten(0, values.shape[:2]) if spec.has_frames else features
 
     def get_modality_features(
         self, name: str, values: torch.Tensor | None = None, encoder_features: torch.Tensor | None = None
