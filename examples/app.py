@@ -47,13 +47,13 @@ def modality_of(path: str) -> str:
     raise ValueError(f"{Path(path).name}: {suffix or 'no suffix'} is not a file type this chat reads ({known}).")
 
 
-def imu_plot(path: str, size=(360, 120)) -> str:
-    """A PNG of the recording's channels, each scaled to its own range, for the chat to show."""
-    recording = load_imu(path)
-    if recording.ndim != 2:
-        raise ValueError(f"{Path(path).name}: an IMU recording is a 2-D table (time x channels), got shape "
-                         f"{recording.shape}.")
-    channels = recording if recording.shape[0] < recording.shape[1] else recording.T
+def imu_plot(path: str, extractor, size=(360, 120)) -> str:
+    """A PNG of the recording's channels, each scaled to its own range, for the chat to show; the channels are
+    found as the processor's IMU feature extractor finds them."""
+    try:
+        channels = extractor.time_major(load_imu(path)).T
+    except ValueError as error:
+        raise ValueError(f"{Path(path).name}: {error}") from error
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     width, height = size
@@ -86,10 +86,10 @@ def user_turn(text: str, files: list[str], imu_sampling_rate: float | None) -> t
     return {"role": "user", "content": content}, names
 
 
-def shown_media(files: list[str]) -> list[dict]:
+def shown_media(files: list[str], imu_extractor) -> list[dict]:
     """Chatbot messages that show the attachments; IMU recordings as plots."""
-    return [{"role": "user", "content": {"path": imu_plot(path) if modality_of(path) == "imu" else path}}
-            for path in files]
+    return [{"role": "user", "content": {"path": imu_plot(path, imu_extractor) if modality_of(path) == "imu"
+                                         else path}} for path in files]
 
 
 def build_app(model, processor, max_new_tokens: int = 64) -> gr.Blocks:
@@ -97,7 +97,8 @@ def build_app(model, processor, max_new_tokens: int = 64) -> gr.Blocks:
         text, files = message.get("text") or "", [getattr(f, "path", f) for f in message.get("files") or []]
         try:
             turn, names = user_turn(text, files, imu_sampling_rate)
-            shown = [*shown, *shown_media(files), *([{"role": "user", "content": text}] if text.strip() else [])]
+            question = [{"role": "user", "content": text}] if text.strip() else []
+            shown = [*shown, *shown_media(files, processor.imu_feature_extractor), *question]
             inputs = processor.apply_chat_template([*conversation, turn], add_generation_prompt=True, tokenize=True,
                                                    return_dict=True).to(model.device)
         except (ValueError, TypeError, OSError) as error:  # the processor's message, in the chat

@@ -110,7 +110,7 @@ class AnyMALIMUFeatureExtractor(FeatureExtractionMixin):
                 "no sampling rate: pass imu_sampling_rate=<Hz> (or {'array': ..., 'sampling_rate': <Hz>}); "
                 "a wrong rate would silently stretch the motion in time."
             )
-        values = self._to_time_major(values, channels_first)  # (time, channels)
+        values = self.time_major(values, channels_first)  # (time, channels)
         if not np.isfinite(values).all():
             bad_steps = np.flatnonzero(~np.isfinite(values).all(1))
             raise ValueError(
@@ -144,7 +144,9 @@ class AnyMALIMUFeatureExtractor(FeatureExtractionMixin):
         mask[:length] = 1
         return window.T, mask  # (channels, window_length)
 
-    def _to_time_major(self, values: np.ndarray, channels_first: bool | None) -> np.ndarray:
+    def time_major(self, values: np.ndarray, channels_first: bool | None = None) -> np.ndarray:
+        """`values` as `(time, channels)`, by the layout rule of the class docstring; a `ValueError` when no
+        dimension has the encoder's channel count."""
         if values.ndim != 2:
             raise ValueError(f"expected a 2-D (channels, time) or (time, channels) array, got shape {values.shape}")
         if channels_first is None:
