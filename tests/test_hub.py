@@ -92,7 +92,7 @@ def test_push_uploads_weights_code_processor_and_card(hub):
     files = server.repos[REPO]
     for name in ("model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "chat_template.jinja",
                  "configuration_anymal.py", "modeling_anymal.py", "processing_anymal.py", "pipeline_anymal.py",
-                 "feature_extraction_anymal.py", "video_processing_anymal.py", "compatibility_anymal.py", "README.md"):
+                 "safety_anymal.py", "feature_extraction_anymal.py", "video_processing_anymal.py", "compatibility_anymal.py", "README.md"):
         assert name in files, name
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     config = json.loads(files["config.json"])

@@ -28,6 +28,7 @@ from .modeling_anymal import (
 )
 from .pipeline_anymal import AnyToTextPipeline
 from .processing_anymal import AnyMALProcessor, EncoderFeatures
+from .safety_anymal import AnyMALSafetyChecker, ClassifierCheck, GuardModelCheck, NudeNetCheck, ProfanityCheck
 from .video_processing_anymal import AnyMALVideoProcessor
 
 
@@ -64,9 +65,14 @@ __all__ = [
     "AnyMALPerceiverResampler",
     "AnyMALPreTrainedModel",
     "AnyMALProcessor",
+    "AnyMALSafetyChecker",
     "AnyMALVideoProcessor",
     "AnyToTextPipeline",
+    "ClassifierCheck",
     "EncoderFeatures",
+    "GuardModelCheck",
     "ModalitySpec",
+    "NudeNetCheck",
+    "ProfanityCheck",
     "register_modality",
 ]

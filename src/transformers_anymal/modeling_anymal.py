@@ -46,6 +46,7 @@ CUSTOM_PIPELINES = {
     "any-to-text": {"impl": "pipeline_anymal.AnyToTextPipeline", "pt": ["AutoModelForMultimodalLM"], "tf": [],
                     "type": "multimodal"},
 }
+PIPELINE_FILES = ("pipeline_anymal.py", "safety_anymal.py")  # the pipeline and its own import, copied beside the model
 
 
 # Built on transformers' own output classes (see compatibility_anymal), so their fields and names follow the
@@ -295,9 +296,10 @@ class AnyMALPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:  # transformers copies this module and its imports; add the pipeline's
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
-            if (pipeline_file := Path(__file__).with_name("pipeline_anymal.py")).exists():
-                os.makedirs(save_directory, exist_ok=True)
-                shutil.copy(pipeline_file, save_directory)
+            for name in PIPELINE_FILES:
+                if (source := Path(__file__).with_name(name)).exists():
+                    os.makedirs(save_directory, exist_ok=True)
+                    shutil.copy(source, save_directory)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, *args, datasets: list[str] | None = None,

@@ -6,6 +6,10 @@ from transformers import AutoModelForMultimodalLM, GenerationConfig
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.any_to_any import AnyToAnyPipeline, Chat, ReturnType
 
+from .configuration_anymal import MODALITIES
+from .processing_anymal import ARGUMENTS
+from .safety_anymal import AnyMALSafetyChecker
+
 
 class ChatBatch:
     """Several chats that go through the processor and `generate` together, as one padded batch (not a list, which
@@ -62,15 +66,30 @@ class AnyToTextPipeline(AnyToAnyPipeline):
     descriptions (the full chat with the answer, `return_full_text=True`, keeps them, to continue the conversation).
 
     Generation options (`max_new_tokens`, `do_sample`, `temperature`, `num_beams`, `streamer`, ...) may be passed
-    directly or in `generate_kwargs`. A list of chats is padded into batches of `batch_size` chats (all of them when not given) and each batch is
-    generated with one `generate` call; the result holds one list of outputs per chat.
+    directly or in `generate_kwargs`. A list of chats is padded into batches of `batch_size` chats (all of them when
+    not given) and each batch is generated with one `generate` call; the result holds one list of outputs per chat.
+
+    With `safety_checker=AnyMALSafetyChecker(...)` (see `safety_anymal`), each chat's input is checked before prefill
+    (a blocked chat gets the checker's refusal and is not generated; the others are), answers are checked every few
+    tokens while they are generated and stopped where the check trips (a streamer only gets text that passed), and
+    answers to chats with images go through the association check. Each output then has `safety`: None, or the
+    tripped check with its score and reason.
     """
+
+    def __init__(self, *args, safety_checker: AnyMALSafetyChecker | None = None, **kwargs):
+        self.safety_checker = safety_checker
+        super().__init__(*args, **kwargs)
 
     def __call__(self, text=None, images=None, videos=None, audio=None, imu=None, **kwargs):
         if isinstance(text, (list, tuple)) and (not text or any(isinstance(chat, (list, tuple)) and not chat
                                                                 for chat in text)):
             raise ValueError("The pipeline got an empty chat; give a chat (a list of messages), a list of chats or "
                              "a text.")
+        if self.safety_checker is not None:
+            return self._checked_call(text, {"images": images, "videos": videos, "audio": audio, "imu": imu}, kwargs)
+        return self._generate(text, images, videos, audio, imu, **kwargs)
+
+    def _generate(self, text=None, images=None, videos=None, audio=None, imu=None, **kwargs):
         if imu is not None:  # reaches the processor through the preprocessing kwargs
             kwargs["imu"] = imu
         generate_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in GENERATE_ARGUMENTS}
@@ -89,6 +108,90 @@ class AnyToTextPipeline(AnyToAnyPipeline):
             inputs = {"text": text, "images": images, "videos": videos, "audio": audio}
             return super(AnyToAnyPipeline, self).__call__(inputs, **kwargs)
         return super().__call__(text, images=images, videos=videos, audio=audio, **kwargs)
+
+    def _checked_call(self, text, media: dict, kwargs: dict):
+        """`__call__` with the safety checker: inputs checked one chat (or text) at a time, the allowed ones
+        generated together, refusals put back in their places, answers to chats with images checked against them."""
+        checker, full_text = self.safety_checker, kwargs.get("return_full_text", True) is not False
+        single = _is_chat(text) or isinstance(text, str)
+        prompts = [text] if single else list(text)
+        if all(map(_is_chat, prompts)):  # chats
+            chats, media_per_prompt = [list(chat) for chat in prompts], None
+        elif all(isinstance(prompt, str) for prompt in prompts):  # keyword text, its media taken in order
+            media_per_prompt = self._media_per_text(prompts, media)
+            chats = [[{"role": "user", "content": [*({"type": "image", "image": image} for image in own.get("images", [])),
+                                                   {"type": "text", "text": prompt}]}]
+                     for prompt, own in zip(prompts, media_per_prompt)]
+        else:
+            raise ValueError("With a safety_checker, give a chat, a list of chats, or `text` (with keyword media).")
+
+        verdicts = [checker.check_input(chat) for chat in chats]
+        allowed = [index for index, verdict in enumerate(verdicts) if verdict is None]
+        outputs = {}
+        if allowed and media_per_prompt is None:
+            outputs = dict(zip(allowed, self._generate([chats[index] for index in allowed], **kwargs)))
+        elif allowed:
+            allowed_media = {argument: [item for index in allowed for item in media_per_prompt[index].get(argument, [])]
+                             or None for argument in media}
+            allowed_text = [prompts[index] for index in allowed]
+            records = self._generate(allowed_text[0] if single else allowed_text, **allowed_media, **kwargs)
+            per_prompt = len(records) // len(allowed)  # num_return_sequences
+            outputs = {index: records[k * per_prompt : (k + 1) * per_prompt] for k, index in enumerate(allowed)}
+
+        results = []
+        for index, (prompt, chat, verdict) in enumerate(zip(prompts, chats, verdicts)):
+            if verdict is not None:
+                results.append([_refused(prompt, checker.refusal, verdict, full_text)])
+                continue
+            for record in outputs[index]:
+                record.setdefault("safety", None)
+                answer = _answer(record)
+                if record["safety"] is None and answer is not None:
+                    association = checker.check_association(chat, answer)
+                    if association is not None:
+                        _set_answer(record, checker.refusal)
+                        record["safety"] = association.to_dict()
+            results.append(outputs[index])
+        if single:
+            return results[0]
+        return results if media_per_prompt is None else [record for records in results for record in records]
+
+    def _media_per_text(self, texts: list[str], media: dict) -> list[dict]:
+        """Keyword media (flat lists taken by the texts' placeholders in order, or one list per text) split by text."""
+        per_text = [{} for _ in texts]
+        for name, argument in ARGUMENTS.items():
+            items = media.get(argument)
+            if items is None:
+                continue
+            items = list(items) if isinstance(items, (list, tuple)) else [items]
+            if len(items) == len(texts) and all(isinstance(item, (list, tuple)) for item in items):
+                for sample, sample_items in zip(per_text, items):
+                    sample[argument] = list(sample_items)
+                continue
+            counts = [sample_text.count(MODALITIES[name].token) for sample_text in texts]
+            if sum(counts) != len(items):
+                raise ValueError(f"the texts hold {sum(counts)} {MODALITIES[name].token} placeholder(s) but "
+                                 f"{len(items)} {argument} were given; write one placeholder where each item belongs.")
+            start = 0
+            for sample, count in zip(per_text, counts):
+                sample[argument], start = items[start : start + count], start + count
+        return per_text
+
+    def _forward(self, model_inputs, generate_kwargs=None):
+        checker = self.safety_checker
+        if checker is None or "output_text" not in checker.checks:
+            return super()._forward(model_inputs, generate_kwargs)
+        generate_kwargs = dict(generate_kwargs or {})
+        guard = checker.output_guard(self.processor.tokenizer, model_inputs["input_ids"].shape[1],
+                                     generate_kwargs.get("streamer"))
+        generate_kwargs["stopping_criteria"] = [*(generate_kwargs.get("stopping_criteria") or []), guard]
+        if guard.streamer is not None:
+            generate_kwargs["streamer"] = guard.streamer
+        outputs = super()._forward(model_inputs, generate_kwargs)
+        sequences = outputs["generated_sequence"]
+        outputs["generated_sequence"] = guard.finish(sequences.flatten(0, -2)).view_as(sequences)
+        outputs["safety"] = [verdict.to_dict() if verdict is not None else None for verdict in guard.verdicts]
+        return outputs
 
     def preprocess(self, inputs=None, timeout=None, continue_final_message=None, **processing_kwargs):
         if isinstance(inputs, Chat) or (not isinstance(inputs, ChatBatch) and self.processor.chat_template is None):
@@ -121,7 +224,11 @@ class AnyToTextPipeline(AnyToAnyPipeline):
         return model_inputs
 
     def postprocess(self, model_outputs, **postprocess_kwargs):
+        verdicts = model_outputs.pop("safety", None)
         records = super().postprocess(model_outputs, **postprocess_kwargs)
+        if verdicts is not None:
+            for record, verdict in zip(records, verdicts):
+                record["safety"] = verdict
         for record in records:
             if "input_text" in record:
                 record["input_text"] = _readable(record["input_text"])
@@ -132,6 +239,35 @@ class AnyToTextPipeline(AnyToAnyPipeline):
             elif isinstance(generated, list) and isinstance(generated[-1].get("content"), str):
                 generated[-1]["content"] = generated[-1]["content"].strip()
         return records
+
+
+def _answer(record: dict) -> str | None:
+    generated = record.get("generated_text")
+    if isinstance(generated, list):
+        return generated[-1]["content"] if isinstance(generated[-1].get("content"), str) else None
+    prompt = record.get("input_text")
+    if isinstance(generated, str) and isinstance(prompt, str) and generated.startswith(prompt):
+        return generated[len(prompt):]
+    return generated if isinstance(generated, str) else None
+
+
+def _set_answer(record: dict, answer: str):
+    generated = record["generated_text"]
+    if isinstance(generated, list):
+        generated[-1]["content"] = answer
+    elif isinstance(record.get("input_text"), str) and generated.startswith(record["input_text"]):
+        record["generated_text"] = record["input_text"] + answer
+    else:
+        record["generated_text"] = answer
+
+
+def _refused(prompt, refusal: str, verdict, full_text: bool) -> dict:
+    """The output of a blocked input, in the form a generated one has."""
+    if isinstance(prompt, str):
+        generated = prompt + refusal if full_text else refusal
+    else:
+        generated = [*prompt, {"role": "assistant", "content": refusal}] if full_text else refusal
+    return {"input_text": _readable(prompt), "generated_text": generated, "safety": verdict.to_dict()}
 
 
 PIPELINE_REGISTRY.register_pipeline(

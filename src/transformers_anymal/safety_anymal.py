@@ -1,0 +1,355 @@
+"""The safety layer of the AnyMAL paper (§2.7): checks on the input text, the input images, the generated text and
+the pairing of an input image with the generated text. Each check is optional and takes any classifier: a
+transformers `text-classification`/`image-classification` pipeline, a guard LLM (`GuardModelCheck`), or a plain
+callable that returns a score in [0, 1].
+
+    >>> checker = AnyMALSafetyChecker(input_text=ProfanityCheck(), output_text=ProfanityCheck(),
+    ...                               input_image=NudeNetCheck())   # or AnyMALSafetyChecker.offline()
+    >>> pipe = pipeline("any-to-text", model="path/to/anymal", safety_checker=checker)
+
+Input checks run before prefill: a blocked chat gets `checker.refusal` and no generation. The output check runs on
+the answer every `check_every` new tokens, as a `StoppingCriteria` of `generate`, and stops that sample when it trips;
+a streamer given to the pipeline (or wrapped by `output_guard`) only receives text that passed a check, so unsafe
+text is never shown. Every result of a checked call carries `safety`: None, or which check tripped, with its score.
+"""
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Pipeline, StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+from transformers.image_transforms import to_pil_image
+from transformers.image_utils import load_image
+
+from .processing_anymal import EncoderFeatures
+
+
+CHECKS = ("input_text", "input_image", "output_text", "association")
+REFUSAL = "I can't help with that request."
+NUDENET_UNSAFE = ("FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED", "BUTTOCKS_EXPOSED",
+                  "ANUS_EXPOSED")
+
+
+@dataclass
+class SafetyVerdict:
+    """A check that tripped: which one, its score, the label that scored (when the classifier names one)."""
+
+    check: str
+    score: float
+    label: str | None = None
+
+    @property
+    def reason(self) -> str:
+        label = f" ({self.label})" if self.label else ""
+        return f"the {self.check.replace('_', ' ')} check flagged this{label} with score {self.score:.2f}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "reason": self.reason}
+
+
+class ClassifierCheck:
+    """A transformers classification pipeline as a check: the score is the highest probability among `unsafe_labels`.
+
+        ClassifierCheck(pipeline("text-classification", model="meta-llama/Llama-Prompt-Guard-2-86M"), ["LABEL_1"])
+        ClassifierCheck(pipeline("image-classification", model=...), ["nsfw"])
+    """
+
+    def __init__(self, classifier: Pipeline, unsafe_labels):
+        labels = set(classifier.model.config.id2label.values())
+        self.unsafe_labels = [unsafe_labels] if isinstance(unsafe_labels, str) else list(unsafe_labels)
+        unknown = [label for label in self.unsafe_labels if label not in labels]
+        if unknown or not self.unsafe_labels:
+            raise ValueError(f"unsafe_labels {unknown or self.unsafe_labels} are not labels of "
+                             f"{classifier.model.config.name_or_path or type(classifier.model).__name__}; its labels "
+                             f"are {sorted(labels)}: name the ones that mean unsafe.")
+        self.classifier = classifier
+
+    def __call__(self, items: list) -> list[tuple[float, str]]:
+        results = self.classifier(items, top_k=None)
+        scores = []
+        for result in results:
+            unsafe = [entry for entry in result if entry["label"] in self.unsafe_labels]
+            best = max(unsafe, key=lambda entry: entry["score"])
+            scores.append((float(best["score"]), best["label"]))
+        return scores
+
+
+class GuardModelCheck:
+    """A guard LLM (Llama Guard 3/4, Qwen3Guard, ShieldGemma, ...) as a check, with its own chat template as the
+    policy prompt. It judges a user turn (input checks) or a user turn with the assistant's answer (output and
+    association checks, which also pass the images to a vision guard such as Llama Guard 4). The score is 1 when the
+    guard's verdict starts with `unsafe_prefix`, and the label is the rest of it (e.g. the violated category, "S1").
+
+        GuardModelCheck(AutoModelForCausalLM.from_pretrained("meta-llama/Llama-Guard-3-1B"), tokenizer)
+    """
+
+    def __init__(self, model, processor, unsafe_prefix: str = "unsafe", max_new_tokens: int = 10, **generate_kwargs):
+        self.model, self.processor, self.unsafe_prefix = model, processor, unsafe_prefix
+        self.generate_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, **generate_kwargs}
+
+    def __call__(self, items: list) -> list[tuple[float, str]]:
+        return [self._judge(item) for item in items]
+
+    def _judge(self, item) -> tuple[float, str]:
+        prompt, answer, images = (item, None, []) if isinstance(item, str) else item
+        content = [*({"type": "image", "image": image} for image in images), {"type": "text", "text": prompt or ""}]
+        conversation = [{"role": "user", "content": content}]
+        if answer is not None:
+            conversation.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        inputs = self.processor.apply_chat_template(conversation, tokenize=True, return_dict=True,
+                                                    add_generation_prompt=True, return_tensors="pt")
+        with torch.inference_mode():
+            generated = self.model.generate(**inputs.to(self.model.device), **self.generate_kwargs)
+        verdict = self.processor.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        flagged = verdict.lower().startswith(self.unsafe_prefix)
+        return float(flagged), (verdict[len(self.unsafe_prefix):].strip() or self.unsafe_prefix) if flagged else verdict
+
+
+class ProfanityCheck:
+    """The offline text default: `alt-profanity-check`'s linear SVM over TF-IDF features (an offensive-language
+    classifier trained on tweets, 1 MB, shipped inside its wheel; `pip install transformers-anymal[safety]`)."""
+
+    def __init__(self):
+        try:
+            from profanity_check import predict_prob
+        except ImportError as error:
+            raise ImportError("ProfanityCheck needs `pip install transformers-anymal[safety]` (alt-profanity-check).") from error
+        self.predict_prob = predict_prob
+
+    def __call__(self, texts: list[str]) -> list[tuple[float, str]]:
+        return [(float(score), "offensive") for score in self.predict_prob(texts)]
+
+
+class NudeNetCheck:
+    """The offline image default: NudeNet's ONNX detector (12 MB, shipped inside its wheel; `pip install
+    transformers-anymal[safety]`). The score is its highest confidence for an exposed intimate body part."""
+
+    def __init__(self, unsafe_classes=NUDENET_UNSAFE):
+        try:
+            from nudenet import NudeDetector
+        except ImportError as error:
+            raise ImportError("NudeNetCheck needs `pip install transformers-anymal[safety]` (nudenet).") from error
+        self.detector, self.unsafe_classes = NudeDetector(), tuple(unsafe_classes)
+
+    def __call__(self, images: list[Image.Image]) -> list[tuple[float, str | None]]:
+        scores = []
+        for image in images:  # NudeNet reads RGBA arrays as OpenCV orders them
+            hits = self.detector.detect(np.asarray(image.convert("RGBA")))
+            found = [hit for hit in hits if hit["class"] in self.unsafe_classes]
+            best = max(found, key=lambda hit: hit["score"], default={"score": 0.0, "class": None})
+            scores.append((float(best["score"]), best["class"]))
+        return scores
+
+
+class AnyMALSafetyChecker:
+    """One optional check per front of the paper's safety layer. Each takes a batch (a list) of items and returns one
+    `(score, label)` per item (scores in [0, 1]); a `text-classification`/`image-classification` pipeline is wrapped in
+    `ClassifierCheck` with `unsafe_labels`, and a callable of one item returning a float, a bool or `(score, label)`
+    works too. The items are: `input_text`, each user message's text; `input_image`, each image of the user's turns
+    (a PIL image); `output_text`, the answer so far; `association`, `(prompt, answer, images)` for chats with images.
+
+    Args:
+        threshold: a score at or above it trips the check; a dict gives each check its own.
+        check_every: the output check runs after every this many new tokens (and at the end).
+        unsafe_labels: the labels that mean unsafe, for checks given as pipelines.
+        refusal: the answer of a blocked chat.
+    """
+
+    def __init__(self, input_text=None, input_image=None, output_text=None, association=None, *,
+                 threshold: float | dict = 0.5, check_every: int = 8, unsafe_labels=None, refusal: str = REFUSAL):
+        if check_every < 1:
+            raise ValueError(f"check_every must be at least 1, got {check_every}.")
+        given = {"input_text": input_text, "input_image": input_image, "output_text": output_text,
+                 "association": association}
+        self.checks = {name: _as_check(name, check, unsafe_labels) for name, check in given.items() if check is not None}
+        self.thresholds = {name: threshold[name] if isinstance(threshold, dict) else threshold
+                           for name in self.checks if not isinstance(threshold, dict) or name in threshold}
+        missing = [name for name in self.checks if name not in self.thresholds]
+        if missing:
+            raise ValueError(f"threshold has no entry for the check(s) {missing}; give one per check, or one float.")
+        self.check_every, self.refusal = check_every, refusal
+
+    @classmethod
+    def offline(cls, **kwargs) -> "AnyMALSafetyChecker":
+        """Input and output text checked by `ProfanityCheck`, input images by `NudeNetCheck`: classifiers that
+        ship inside their wheels, for tests and demos. In production plug in guard models (see the README)."""
+        text = ProfanityCheck()
+        return cls(input_text=text, input_image=NudeNetCheck(), output_text=text, **kwargs)
+
+    def run(self, name: str, items: list) -> list[SafetyVerdict | None]:
+        """`name`'s check on each item: a verdict where it trips, else None (also when that check is not set)."""
+        if name not in self.checks or not items:
+            return [None] * len(items)
+        results = self.checks[name](items)
+        if len(results) != len(items):
+            raise ValueError(f"the {name} check returned {len(results)} results for {len(items)} items.")
+        verdicts = []
+        for result in results:
+            score, label = _score_and_label(name, result)
+            verdicts.append(SafetyVerdict(name, score, label) if score >= self.thresholds[name] else None)
+        return verdicts
+
+    def check_input(self, messages: list[dict]) -> SafetyVerdict | None:
+        """The first tripped input check of a chat: the text of each user message, then each image in them."""
+        user_turns = [message for message in messages if message.get("role", "user") == "user"]
+        texts = [text for text in map(_text_of, user_turns) if text]
+        images = [_as_pil(block) for message in user_turns for block in _blocks(message) if block.get("type") == "image"]
+        return next((verdict for verdict in self.run("input_text", texts) + self.run("input_image", images)
+                     if verdict is not None), None)
+
+    def check_association(self, messages: list[dict], answer: str) -> SafetyVerdict | None:
+        images = [_as_pil(block) for message in messages if message.get("role", "user") == "user"
+                  for block in _blocks(message) if block.get("type") == "image"]
+        if not images or "association" not in self.checks:
+            return None
+        prompt = next((_text_of(message) for message in reversed(messages) if message.get("role") == "user"), "")
+        return self.run("association", [(prompt, answer, images)])[0]
+
+    def output_guard(self, tokenizer, prompt_length: int, streamer: BaseStreamer | None = None) -> "OutputGuard":
+        """A `StoppingCriteria` that runs the output check every `check_every` tokens; pass it (and its `streamer`,
+        which holds text back until it is checked) to `generate`, then read `guard.verdicts`:
+
+            guard = checker.output_guard(processor.tokenizer, inputs["input_ids"].shape[1], TextIteratorStreamer(...))
+            model.generate(**inputs, stopping_criteria=[guard], streamer=guard.streamer)
+        """
+        return OutputGuard(self, tokenizer, prompt_length, streamer)
+
+
+class OutputGuard(StoppingCriteria):
+    """Stops each sample whose answer so far trips the output check; the rows of `finish(sequences)` keep only the
+    tokens that passed (the rest become padding, as after an end-of-sequence token)."""
+
+    def __init__(self, checker: AnyMALSafetyChecker, tokenizer, prompt_length: int, streamer=None):
+        self.checker, self.tokenizer, self.prompt_length = checker, tokenizer, prompt_length
+        self.verdicts: list[SafetyVerdict | None] = []
+        self.passed: list[int] = []  # per row: how many generated tokens passed a check
+        self.checked = 0  # generated tokens at the last check
+        self.sequences = None
+        self.streamer = _HeldBackStreamer(self, streamer) if streamer is not None else None
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        if not self.verdicts:
+            self.verdicts, self.passed = [None] * len(input_ids), [0] * len(input_ids)
+        self.sequences = input_ids
+        if input_ids.shape[1] - self.prompt_length - self.checked >= self.checker.check_every:
+            self._check(input_ids)
+        return torch.tensor([verdict is not None for verdict in self.verdicts], device=input_ids.device)
+
+    def finish(self, sequences: torch.LongTensor | None = None) -> torch.LongTensor | None:
+        """Checks what came after the last check, and pads each tripped row after its last passed token."""
+        sequences = self.sequences if sequences is None else sequences
+        if sequences is None:
+            return None
+        if len(sequences) != len(self.verdicts):  # beam search returns other rows than it checked: judge the results
+            self.verdicts, self.passed = [None] * len(sequences), [0] * len(sequences)
+        self._check(sequences)
+        sequences = sequences.clone()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        for row, verdict in enumerate(self.verdicts):
+            if verdict is not None:
+                sequences[row, self.prompt_length + self.passed[row]:] = pad
+        return sequences
+
+    def _check(self, sequences: torch.LongTensor):
+        generated = self.checked = sequences.shape[1] - self.prompt_length
+        rows = [row for row, verdict in enumerate(self.verdicts) if verdict is None and self.passed[row] < generated]
+        texts = self.tokenizer.batch_decode(sequences[rows, self.prompt_length:], skip_special_tokens=True)
+        for row, verdict in zip(rows, self.checker.run("output_text", texts)):
+            if verdict is None:
+                self.passed[row] = generated
+            else:
+                self.verdicts[row] = verdict
+
+
+class _HeldBackStreamer(BaseStreamer):
+    """Passes the prompt on at once and each answer token only once the output check has passed it."""
+
+    def __init__(self, guard: OutputGuard, streamer: BaseStreamer):
+        self.guard, self.streamer, self.released, self.prompt_seen = guard, streamer, 0, False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() first puts the prompt
+            self.prompt_seen = True
+            self.streamer.put(value)
+            return
+        self._release()
+
+    def end(self):
+        self.guard.finish()
+        self._release()
+        self.streamer.end()
+
+    def _release(self):
+        guard = self.guard
+        if guard.sequences is None or not guard.passed:
+            return
+        passed = guard.passed[0]
+        if passed > self.released:
+            start = guard.prompt_length + self.released
+            self.streamer.put(guard.sequences[0, start : guard.prompt_length + passed].cpu())
+            self.released = passed
+
+
+def _as_check(name: str, check, unsafe_labels):
+    if isinstance(check, Pipeline):
+        if unsafe_labels is None:
+            labels = sorted(set(check.model.config.id2label.values()))
+            raise ValueError(f"the {name} check is a pipeline: pass unsafe_labels, the labels of {labels} that mean "
+                             f"unsafe (or wrap it in ClassifierCheck).")
+        return ClassifierCheck(check, unsafe_labels)
+    if isinstance(check, BATCHED_CHECKS):
+        return check
+    if callable(check):
+        return _batched(check)
+    raise TypeError(f"the {name} check is a {type(check).__name__}; give a transformers pipeline, one of "
+                    f"{', '.join(cls.__name__ for cls in BATCHED_CHECKS)}, or a callable returning a score in [0, 1].")
+
+
+BATCHED_CHECKS = (ClassifierCheck, GuardModelCheck, ProfanityCheck, NudeNetCheck)  # these take a list of items
+
+
+def _batched(check):
+    """A callable of one item as a callable of a list of items."""
+    def batched(items: list) -> list:
+        return [check(item) for item in items]
+
+    return batched
+
+
+def _score_and_label(name: str, result) -> tuple[float, str | None]:
+    score, label = result if isinstance(result, tuple) else (result, None)
+    score = float(score)
+    if not 0.0 <= score <= 1.0:  # NaN included
+        raise ValueError(f"the {name} check returned the score {score}; scores are probabilities in [0, 1].")
+    return score, label
+
+
+def _blocks(message: dict) -> list[dict]:
+    content = message.get("content")
+    return content if isinstance(content, list) else []
+
+
+def _text_of(message: dict) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    return " ".join(block["text"] for block in _blocks(message) if block.get("type") == "text")
+
+
+def _as_pil(block: dict) -> Image.Image:
+    value = next(block[key] for key in ("image", "url", "path", "base64") if block.get(key) is not None)
+    if isinstance(value, EncoderFeatures):
+        raise TypeError("The input_image check needs the images, not their cached encoder features: check the images "
+                        "before caching, or leave input_image unset for cached rows.")
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        array = value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
+        return to_pil_image(array[..., None].repeat(3, -1) if array.ndim == 2 else array)
+    return load_image(str(value))
+
+
+__all__ = ["AnyMALSafetyChecker", "ClassifierCheck", "GuardModelCheck", "NudeNetCheck", "OutputGuard",
+           "ProfanityCheck", "SafetyVerdict"]
