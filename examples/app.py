@@ -1,12 +1,14 @@
 """A multimodal chat with an AnyMAL checkpoint in the browser (Gradio), served on this machine only.
 
     python examples/app.py                       # the main job's final checkpoint (accelerate launch examples/sft.py)
-    python examples/app.py --model path/to/anymal [--port 7860] [--max_new_tokens 64]
+    python examples/app.py --model path/to/anymal [--port 7860] [--max_new_tokens 64] [--safety]
 
 Attach images, videos, audio (or record from the microphone) and IMU recordings (`.npy` or `.csv`, one column per
 channel, with the sampling rate given in the page), ask about several at once, over several turns. Answers stream
 token by token and name the media they used; an IMU recording is drawn as a plot of its channels. A file the
-processor cannot read gets its message in the chat, and the chat goes on.
+processor cannot read gets its message in the chat, and the chat goes on. With --safety, prompts and images are
+checked before generation and answers while they stream (AnyMALSafetyChecker.offline(), the [safety] extra); a
+refusal says which check tripped.
 """
 
 import argparse
@@ -24,7 +26,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from transformers import AutoModelForMultimodalLM, AutoProcessor, TextIteratorStreamer  # noqa: E402
 
-import transformers_anymal  # noqa: E402, F401  (registers AnyMAL with the Auto classes)
+import transformers_anymal  # noqa: E402  (also registers AnyMAL with the Auto classes)
 from transformers_anymal.feature_extraction_anymal import load_imu  # noqa: E402
 
 
@@ -92,7 +94,7 @@ def shown_media(files: list[str], imu_extractor) -> list[dict]:
                                          else path}} for path in files]
 
 
-def build_app(model, processor, max_new_tokens: int = 64) -> gr.Blocks:
+def build_app(model, processor, max_new_tokens: int = 64, safety_checker=None) -> gr.Blocks:
     def respond(message: dict, shown: list, conversation: list, imu_sampling_rate):
         text, files = message.get("text") or "", [getattr(f, "path", f) for f in message.get("files") or []]
         try:
@@ -101,19 +103,38 @@ def build_app(model, processor, max_new_tokens: int = 64) -> gr.Blocks:
             shown = [*shown, *shown_media(files, processor.imu_feature_extractor), *question]
             inputs = processor.apply_chat_template([*conversation, turn], add_generation_prompt=True, tokenize=True,
                                                    return_dict=True).to(model.device)
+            verdict = safety_checker.check_input([*conversation, turn]) if safety_checker else None
         except (ValueError, TypeError, OSError) as error:  # the processor's message, in the chat
             yield [*shown, {"role": "assistant", "content": f"⚠️ {error}"}], None, conversation
             return
+        if verdict is not None:  # not generated, and not kept in the conversation
+            yield [*shown, {"role": "assistant", "content": refusal(safety_checker, verdict)}], None, conversation
+            return
         streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        thread = Thread(target=model.generate, kwargs={**inputs, "streamer": streamer,
-                                                       "max_new_tokens": max_new_tokens, "do_sample": False})
+        options = {"max_new_tokens": max_new_tokens, "do_sample": False, "streamer": streamer}
+        guard = None
+        if safety_checker is not None and "output_text" in safety_checker.checks:  # text is shown once checked
+            guard = safety_checker.output_guard(processor.tokenizer, inputs["input_ids"].shape[1], streamer)
+            options.update(streamer=guard.streamer, stopping_criteria=[guard])
+        thread = Thread(target=model.generate, kwargs={**inputs, **options})
         thread.start()
         used = f"\n\n*used: {', '.join(names)}*" if names else ""
+        # an answer about images is shown once the association check has seen it whole
+        hold = safety_checker is not None and "association" in safety_checker.checks and "image" in names_of(turn)
         answer = ""
         for piece in streamer:
             answer += piece
-            yield [*shown, {"role": "assistant", "content": answer.strip()}], None, conversation
+            if not hold:
+                yield [*shown, {"role": "assistant", "content": answer.strip()}], None, conversation
         thread.join()
+        verdict = guard.verdicts[0] if guard is not None else None
+        if verdict is None and safety_checker is not None:
+            verdict = safety_checker.check_association([*conversation, turn], answer.strip())
+            answer = "" if verdict is not None else answer
+        if verdict is not None:
+            stopped = f"{answer.strip()}\n\n{refusal(safety_checker, verdict)}".strip()
+            yield [*shown, {"role": "assistant", "content": stopped}], None, conversation
+            return
         conversation = [*conversation, turn, {"role": "assistant", "content": answer.strip()}]
         yield [*shown, {"role": "assistant", "content": answer.strip() + used}], None, conversation
 
@@ -132,6 +153,14 @@ def build_app(model, processor, max_new_tokens: int = 64) -> gr.Blocks:
     return app
 
 
+def names_of(turn: dict) -> set[str]:
+    return {block["type"] for block in turn["content"] if isinstance(block, dict)}
+
+
+def refusal(safety_checker, verdict) -> str:
+    return f"🛑 {safety_checker.refusal} ({verdict.reason})"
+
+
 def load(model_path: str, device: str):
     model = AutoModelForMultimodalLM.from_pretrained(model_path).to(device).eval()
     return model, AutoProcessor.from_pretrained(model_path)
@@ -144,12 +173,17 @@ def main(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=64, help="longest answer (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the model runs (default: %(default)s)")
+    parser.add_argument("--safety", action="store_true",
+                        help="check prompts, images and answers with the offline classifiers of the [safety] extra "
+                             "(AnyMALSafetyChecker.offline())")
     args = parser.parse_args(argv)
     if args.model == DEFAULT_MODEL and not Path(DEFAULT_MODEL).exists():
         raise SystemExit(f"No checkpoint at {DEFAULT_MODEL}: `accelerate launch examples/sft.py` (the main job) makes "
                          "it, or pass --model path/to/anymal.")
     model, processor = load(args.model, args.device)
-    build_app(model, processor, args.max_new_tokens).queue().launch(server_name="127.0.0.1", server_port=args.port)
+    safety_checker = transformers_anymal.AnyMALSafetyChecker.offline() if args.safety else None
+    app = build_app(model, processor, args.max_new_tokens, safety_checker)
+    app.queue().launch(server_name="127.0.0.1", server_port=args.port)
 
 
 if __name__ == "__main__":

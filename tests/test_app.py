@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 from transformers import AutoModelForMultimodalLM, AutoProcessor
 
+import transformers_anymal
+
 from anymal_tester import TINY, tiny_model
 
 
@@ -21,17 +23,34 @@ CHROMIUM = shutil.which("chromium")
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
+def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("anymal-tiny-checkpoint")
     tiny_model().save_pretrained(path)
     AutoProcessor.from_pretrained(TINY).save_pretrained(path)
-    model, processor = AutoModelForMultimodalLM.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+    return AutoModelForMultimodalLM.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+
+
+def serve(app):
     with socket.socket() as probe:  # a free port
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = app_module.build_app(model, processor, max_new_tokens=4).queue()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def url(checkpoint):
+    app = app_module.build_app(*checkpoint, max_new_tokens=4)
+    yield serve(app)
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def safe_url(checkpoint):
+    pytest.importorskip("profanity_check", reason="needs the [safety] extra")
+    app = app_module.build_app(*checkpoint, max_new_tokens=4,
+                               safety_checker=transformers_anymal.AnyMALSafetyChecker.offline())
+    yield serve(app)
     app.close()
 
 
@@ -87,6 +106,16 @@ def test_a_file_the_processor_refuses_gets_its_message_in_the_chat(url, media, f
     text = answer if isinstance(answer, str) else answer[0]["text"]
     assert text.startswith("⚠️") and message in text
     assert ask(url, "And now?", [media / "digit.png"])[-1]["role"] == "assistant"  # the app keeps working
+
+
+def test_with_safety_checks_an_offensive_question_is_refused_in_the_chat_and_a_clean_one_answered(safe_url, media):
+    chat = ask(safe_url, "What the fuck is this, you idiot?", [media / "digit.png"])
+    answer = chat[-1]["content"]
+    text = answer if isinstance(answer, str) else answer[0]["text"]
+    assert text.startswith("🛑") and "input text check" in text
+    answer = ask(safe_url, "Which digit is shown?", [media / "digit.png"])[-1]["content"]
+    text = answer if isinstance(answer, str) else answer[0]["text"]
+    assert not text.startswith("🛑") and text.endswith("*used: image digit.png*")
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),  # .ci/run installs it, and must run this
