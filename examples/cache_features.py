@@ -12,14 +12,6 @@ encoders give before the projectors, so the projectors still train. Written with
 
 import argparse
 
-import torch
-from datasets import Features, List, Value
-from transformers import AutoModelForMultimodalLM, AutoProcessor
-
-from transformers_anymal import MODALITIES, AnyMALDataCollator
-from transformers_anymal.collator_anymal import COLUMNS
-from transformers_anymal.training_anymal import load_dataset_dict
-
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,9 +24,17 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                         help="precision the features are stored in")
     parser.add_argument("--batch_size", type=int, default=32, help="rows encoded together")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the model runs (default: %(default)s)")
+    parser.add_argument("--device", help="where the model runs (default: cuda when there is a GPU, else cpu)")
     args = parser.parse_args(argv)
+    import torch  # after parsing, so that --help answers at once
+    from datasets import Features
+    from transformers import AutoModelForMultimodalLM, AutoProcessor
+
+    from transformers_anymal import MODALITIES, AnyMALDataCollator
+    from transformers_anymal.collator_anymal import COLUMNS
+    from transformers_anymal.training_anymal import load_dataset_dict
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     model = AutoModelForMultimodalLM.from_pretrained(args.model_name_or_path).to(args.device).eval()
@@ -65,10 +65,14 @@ def main(argv: list[str] | None = None):
     print(f"Saved {', '.join(f'{split}: {len(rows)} rows' for split, rows in dataset.items())} to {args.output_dir}")
 
 
-def feature_type(name: str, dtype: str) -> List:
+def feature_type(name: str, dtype: str):
     """A list (one entry per item) of what `encode` gives per item: a vector for linear projectors, a sequence of
     vectors for Perceiver ones, one sequence per frame for video. Declared up front, since a row without items of a
     modality would otherwise fix the column's type."""
+    from datasets import List, Value
+
+    from transformers_anymal import MODALITIES
+
     spec = MODALITIES[name]
     depth = 1 + (spec.projector == "perceiver") + spec.has_frames
     feature = Value(dtype)

@@ -11,11 +11,7 @@ import argparse
 import time
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
-from transformers import AutoConfig, AutoModelForMultimodalLM, AutoProcessor
-
-import transformers_anymal  # noqa: F401  (registers AnyMAL with the Auto classes)
 
 
 def make_media(seed: int = 0) -> dict:
@@ -39,6 +35,11 @@ def main():
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+
+    import torch  # after parsing, so that --help answers at once
+    from transformers import AutoConfig, AutoModelForMultimodalLM, AutoProcessor
+
+    import transformers_anymal  # registers AnyMAL with the Auto classes
 
     torch.manual_seed(args.seed)
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)

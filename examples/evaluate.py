@@ -14,14 +14,6 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-from transformers import AutoModelForMultimodalLM, AutoProcessor
-
-from transformers_anymal import MODALITIES, AnyMALDataCollator
-from transformers_anymal.metrics_anymal import caption_metrics, multiple_choice_accuracy, vqa_accuracy
-from transformers_anymal.training_anymal import load_dataset_dict
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,12 +30,13 @@ def parse_args(argv=None):
     parser.add_argument("--zero_inputs", action="store_true",
                         help="ablation: replace every modality input (or cached encoder feature) by zeros; accuracy "
                              "should fall to chance")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the model runs (default: %(default)s)")
+    parser.add_argument("--device", help="where the model runs (default: cuda when there is a GPU, else cpu)")
     return parser.parse_args(argv)
 
 
 def score(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    from transformers_anymal.metrics_anymal import caption_metrics, multiple_choice_accuracy, vqa_accuracy
+
     return {**caption_metrics(predictions, references),
             "vqa_accuracy": sum(map(vqa_accuracy, predictions, references)) / len(predictions),
             "exact_match": multiple_choice_accuracy(predictions, [refs[0] for refs in references]),
@@ -52,6 +45,14 @@ def score(predictions: list[str], references: list[list[str]]) -> dict[str, floa
 
 def main(argv=None):
     args = parse_args(argv)
+    import torch  # after parsing, so that --help answers at once
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForMultimodalLM, AutoProcessor
+
+    from transformers_anymal import MODALITIES, AnyMALDataCollator
+    from transformers_anymal.training_anymal import load_dataset_dict
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     model = AutoModelForMultimodalLM.from_pretrained(args.model_name_or_path).to(args.device).eval()
     collator = AnyMALDataCollator(processor, imu_sampling_rate=args.imu_sampling_rate)

@@ -37,6 +37,23 @@ def test_example_scripts_document_their_options():
             assert re.search(rf"^\s+{name}\b", help_text, re.MULTILINE), (script, name)
 
 
+QUICK_HELP = """
+import runpy, sys
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print("heavy imports:", sorted(name for name in ("torch", "transformers", "datasets") if name in sys.modules))
+"""
+
+
+def test_help_of_the_inference_scripts_answers_before_importing_torch():
+    for script in ("demo.py", "evaluate.py", "cache_features.py"):
+        output = run_python("-c", QUICK_HELP, EXAMPLES / script, cwd=TINY.parents[1], timeout=300).stdout
+        assert "usage:" in output and output.rstrip().endswith("heavy imports: []"), (script, output[-300:])
+
+
 def test_benchmarks_document_their_options():
     for script in ("run_all.py", "bench_inference.py", "bench_training.py", "bench_processor.py"):
         result = run_python(TINY.parents[1] / "benchmarks" / script, "--help", timeout=300)
