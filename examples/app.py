@@ -28,6 +28,7 @@ from transformers import AutoModelForMultimodalLM, AutoProcessor, TextIteratorSt
 
 import transformers_anymal  # noqa: E402  (also registers AnyMAL with the Auto classes)
 from transformers_anymal.feature_extraction_anymal import load_imu  # noqa: E402
+from transformers_anymal.safety_anymal import has_images  # noqa: E402
 
 
 DEFAULT_MODEL = "outputs/anymal-demo/instructed/merged"
@@ -116,20 +117,37 @@ def build_app(model, processor, max_new_tokens: int = 64, safety_checker=None) -
         if safety_checker is not None and "output_text" in safety_checker.checks:  # text is shown once checked
             guard = safety_checker.output_guard(processor.tokenizer, inputs["input_ids"].shape[1], streamer)
             options.update(streamer=guard.streamer, stopping_criteria=[guard])
-        thread = Thread(target=model.generate, kwargs={**inputs, **options})
+        failures = []
+
+        def generate():
+            try:
+                model.generate(**inputs, **options)
+            except Exception as error:  # e.g. a safety classifier that fails: end the stream, say why
+                failures.append(error)
+                streamer.end()
+
+        thread = Thread(target=generate)
         thread.start()
         used = f"\n\n*used: {', '.join(names)}*" if names else ""
         # an answer about images is shown once the association check has seen it whole
-        hold = safety_checker is not None and "association" in safety_checker.checks and "image" in names_of(turn)
+        hold = (safety_checker is not None and "association" in safety_checker.checks
+                and has_images([*conversation, turn]))
         answer = ""
         for piece in streamer:
             answer += piece
             if not hold:
                 yield [*shown, {"role": "assistant", "content": answer.strip()}], None, conversation
         thread.join()
-        verdict = guard.verdicts[0] if guard is not None else None
+        if failures:
+            yield [*shown, {"role": "assistant", "content": f"⚠️ generation failed: {failures[0]}"}], None, conversation
+            return
+        verdict = guard.verdicts[0] if guard is not None else None  # its streamer's end() checked the rest
         if verdict is None and safety_checker is not None:
-            verdict = safety_checker.check_association([*conversation, turn], answer.strip())
+            try:
+                verdict = safety_checker.check_association([*conversation, turn], answer.strip())
+            except (ValueError, TypeError, OSError) as error:
+                yield [*shown, {"role": "assistant", "content": f"⚠️ {error}"}], None, conversation
+                return
             answer = "" if verdict is not None else answer
         if verdict is not None:
             stopped = f"{answer.strip()}\n\n{refusal(safety_checker, verdict)}".strip()
@@ -151,10 +169,6 @@ def build_app(model, processor, max_new_tokens: int = 64, safety_checker=None) -
         box.submit(respond, [box, chatbot, conversation, imu_rate], [chatbot, box, conversation], api_name="respond")
         gr.Button("New chat").click(lambda: ([], None, []), None, [chatbot, box, conversation], api_name="clear")
     return app
-
-
-def names_of(turn: dict) -> set[str]:
-    return {block["type"] for block in turn["content"] if isinstance(block, dict)}
 
 
 def refusal(safety_checker, verdict) -> str:

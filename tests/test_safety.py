@@ -35,7 +35,6 @@ from transformers_anymal import (
 from anymal_tester import TINY, tiny_model
 
 
-pytest.importorskip("profanity_check", reason="needs the [safety] extra")
 OFFENSIVE_PROMPTS = ["What the fuck is this, you idiot?", "Describe this, you stupid bitch.", "shit, what is it?"]
 CLEAN_PROMPTS = ["What is the person doing?", "Which digit is shown?", "Describe the sound in one word."]
 FORCED = " the answer is that you are a fucking idiot and then some more words"
@@ -53,11 +52,14 @@ def model():
 
 @pytest.fixture(scope="module")
 def profanity():
+    pytest.importorskip("profanity_check", reason="needs the [safety] extra")
     return ProfanityCheck()
 
 
 @pytest.fixture(scope="module")
 def offline():
+    pytest.importorskip("profanity_check", reason="needs the [safety] extra")
+    pytest.importorskip("nudenet", reason="needs the [safety] extra")
     return AnyMALSafetyChecker.offline(check_every=4)
 
 
@@ -172,10 +174,12 @@ def test_an_answer_that_turns_offensive_stops_at_the_first_check_after_the_offen
     assert generated.shape[1] - prompt_length == stop < len(forced)  # generation ended right there
     verdict = guard.verdicts[0]
     assert verdict is not None and verdict.check == "output_text" and verdict.score >= 0.5
-    clean = tokenizer.decode(forced[: stop - offline.check_every], skip_special_tokens=True)
-    assert "".join(shown) == clean and "fuck" not in "".join(shown)  # only text that passed was ever shown
+    passed = tokenizer.decode(forced[: stop - offline.check_every], skip_special_tokens=True)
+    text = "".join(shown)  # only text that passed was ever shown, and only whole words of it
+    full = tokenizer.decode(forced, skip_special_tokens=True)
+    assert text and passed.startswith(text) and "fuck" not in text and full[len(text)].isspace()
     kept = guard.finish(generated)[0, prompt_length:]
-    assert tokenizer.decode(kept, skip_special_tokens=True) == clean
+    assert tokenizer.decode(kept, skip_special_tokens=True) == text  # the answer is what was shown
 
 
 def test_the_pipeline_cuts_an_offensive_answer_and_leaves_its_batch_neighbour_alone(model, processor, offline):
@@ -231,7 +235,7 @@ def test_the_association_check_sees_the_images_and_the_answer(model, processor):
 @pytest.fixture(scope="module")
 def text_classifier():
     """A tiny random BERT sequence classifier over the tiny tokenizer, labels safe/unsafe."""
-    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    tokenizer = AutoTokenizer.from_pretrained(TINY, model_max_length=512)  # as a BERT classifier's tokenizer says
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1})
@@ -271,33 +275,95 @@ def test_any_transformers_image_classifier_plugs_into_the_image_hook(model, proc
     assert results[1][0]["safety"] is None and results[1][0]["generated_text"] != checker.refusal
 
 
-def test_a_guard_llm_judges_with_its_own_chat_template():
-    tokenizer = AutoTokenizer.from_pretrained(TINY)
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {% for b in m['content'] %}"
-                               "{% if b['type'] == 'text' %}{{ b['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
-                               "verdict:")
+class GuardTokenizer:
+    """The tiny guard's tokenizer, recording the conversations the check lays out."""
+
+    def __init__(self):
+        self.tokenizer = AutoTokenizer.from_pretrained(TINY)
+        self.tokenizer.chat_template = (
+            "{% for m in messages %}{{ m['role'] }}: {% for b in m['content'] %}"
+            "{% if b['type'] == 'text' %}{{ b['text'] }}{% else %}[image]{% endif %}{% endfor %}\n{% endfor %}verdict:")
+        self.conversations = []
+
+    def apply_chat_template(self, conversation, **kwargs):
+        self.conversations.append(conversation)
+        return self.tokenizer.apply_chat_template(conversation, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def forcing(self, verdict: str):
+        """A `prefix_allowed_tokens_fn` that makes the guard say `verdict`, as a trained one would."""
+        ids = self.tokenizer(verdict, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+
+        def allowed(batch, prefix):
+            said = next(k for k in range(len(ids), -1, -1) if k == 0 or prefix[-k:].tolist() == ids[:k])
+            return [ids[min(said, len(ids) - 1)]]
+
+        return allowed
+
+
+@pytest.fixture
+def guard():
+    tokenizer = GuardTokenizer()
     torch.manual_seed(0)
-    guard_model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer.tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    return model, tokenizer
 
-    def forcing(verdict: str):  # the tiny guard says `verdict`, as a trained one would
-        ids = tokenizer(verdict, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        return lambda batch, prefix: [ids[min(len(prefix) - prompt_length[0], len(ids) - 1)]]
 
-    prompt_length = [len(tokenizer.apply_chat_template([{"role": "user", "content": [
-        {"type": "text", "text": "What is it?"}]}, {"role": "assistant", "content": [
-            {"type": "text", "text": "A cat."}]}], tokenize=True, return_dict=True)["input_ids"])]
-    unsafe = GuardModelCheck(guard_model, tokenizer, prefix_allowed_tokens_fn=forcing("unsafe S1"))
-    safe = GuardModelCheck(guard_model, tokenizer, prefix_allowed_tokens_fn=forcing("safe"))
+def test_a_guard_llm_judges_with_its_own_chat_template(guard):
+    model, tokenizer = guard
+    unsafe = GuardModelCheck(model, tokenizer, prefix_allowed_tokens_fn=tokenizer.forcing("unsafe S1"))
+    safe = GuardModelCheck(model, tokenizer, prefix_allowed_tokens_fn=tokenizer.forcing("safe"))
     assert unsafe([("What is it?", "A cat.", [])]) == [(1.0, "S1")]
     assert safe([("What is it?", "A cat.", [])]) == [(0.0, "safe")]
     verdict = AnyMALSafetyChecker(association=unsafe).check_association(chat("What is it?", card()), "A cat.")
     assert verdict.check == "association" and verdict.label == "S1"
+    assert [message["role"] for message in tokenizer.conversations[-1]] == ["user", "assistant"]
+    assert [block["type"] for block in tokenizer.conversations[-1][0]["content"]] == ["image", "text"]
+
+
+def test_a_guard_llm_sees_images_and_answers_in_their_roles(guard):
+    model, tokenizer = guard
+    answers = GuardModelCheck(model, tokenizer, text_role="assistant",
+                              prefix_allowed_tokens_fn=tokenizer.forcing("unsafe S10"))
+    checker = AnyMALSafetyChecker(output_text=answers, input_image=answers)
+    assert checker.run("output_text", ["Some answer."])[0].label == "S10"
+    assert tokenizer.conversations[-1][-1] == {"role": "assistant", "content": [{"type": "text",
+                                                                                "text": "Some answer."}]}
+    assert checker.check_input(chat("hi", card())).check == "input_image"
+    assert tokenizer.conversations[-1][0]["content"][0]["type"] == "image"  # the image alone, in a user turn
+    with pytest.raises(ValueError, match="text_role is 'user' or 'assistant'"):
+        GuardModelCheck(model, tokenizer, text_role="system")
+
+
+def test_classifier_checks_see_every_label_and_take_long_texts(text_classifier):
+    torch.manual_seed(0)
+    labels = {index: name for index, name in enumerate(["a", "b", "c", "d", "e", "f", "nsfw"])}
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, id2label=labels, label2id={name: i for i, name in labels.items()})
+    classifier = pipeline("image-classification", model=ViTForImageClassification(config).eval(),
+                          image_processor=ViTImageProcessor(size={"height": 32, "width": 32}))
+    with torch.no_grad():
+        classifier.model.classifier.bias.copy_(torch.tensor([9.0, 8, 7, 6, 5, 4, -9]))  # nsfw ranks last
+    [(score, label)] = ClassifierCheck(classifier, ["nsfw"])([card()])
+    assert label == "nsfw" and 0 < score < 1e-3
+    long_text = " ".join(["word"] * 3000)  # beyond the classifier's 512 positions
+    [(score, label)] = ClassifierCheck(text_classifier, ["unsafe"])([long_text])
+    assert label == "unsafe" and 0 <= score <= 1
 
 
 def test_checks_that_cannot_work_are_refused_with_the_fix(text_classifier):
-    with pytest.raises(ValueError, match=r"pass unsafe_labels.*\['safe', 'unsafe'\]"):
+    with pytest.raises(ValueError, match=r"needs unsafe_labels: which of its labels \['safe', 'unsafe'\] mean unsafe"):
         AnyMALSafetyChecker(input_text=text_classifier)
+    with pytest.raises(ValueError, match=r"needs unsafe_labels"):
+        ClassifierCheck(text_classifier, [])
+    with pytest.raises(ValueError, match=r"threshold names unknown checks \['output'\]"):
+        AnyMALSafetyChecker(output_text=lambda text: 0.0, threshold={"output": 0.5, "output_text": 0.5})
+    with pytest.raises(ValueError, match="an image block needs one of 'image', 'url', 'path', 'base64'"):
+        AnyMALSafetyChecker(input_image=lambda image: 0.0).check_input([{"role": "user", "content": [
+            {"type": "image"}]}])
     with pytest.raises(ValueError, match=r"\['toxic'\] are not labels"):
         ClassifierCheck(text_classifier, ["toxic"])
     with pytest.raises(TypeError, match="the output_text check is a str"):
@@ -311,3 +377,53 @@ def test_checks_that_cannot_work_are_refused_with_the_fix(text_classifier):
     with pytest.raises(TypeError, match="needs the images, not their cached encoder features"):
         blocks = [{"type": "image", "image": EncoderFeatures(np.zeros((4, 8)))}, {"type": "text", "text": "hi"}]
         AnyMALSafetyChecker(input_image=lambda image: 0.0).check_input([{"role": "user", "content": blocks}])
+
+    # without an image check, cached features in a chat are fine: images are read only for checks that need them
+    assert AnyMALSafetyChecker(input_text=lambda text: 0.0).check_input([{"role": "user", "content": blocks}]) is None
+
+
+def test_refusals_take_the_form_of_the_calls_outputs(model, processor, offline):
+    pipe = pipeline("any-to-text", model=model, processor=processor, safety_checker=offline)
+    chats = [chat(OFFENSIVE_PROMPTS[2]), chat(CLEAN_PROMPTS[0])]
+    results = pipe(chats, max_new_tokens=3, do_sample=True, num_return_sequences=2, return_full_text=False)
+    assert [len(records) for records in results] == [2, 2]  # one output per returned sequence, refused or not
+    assert {record["generated_text"] for record in results[0]} == {offline.refusal}
+    tensors = pipe(chats, max_new_tokens=3, return_tensors=True)
+    assert set(tensors[0][0]) == set(tensors[1][0]) == {"input_text", "generated_token_ids", "safety"}
+    assert processor.decode(tensors[0][0]["generated_token_ids"]) == offline.refusal
+    with pytest.raises(ValueError, match="With a safety_checker, give a chat, a list of chats, or `text`"):
+        pipe(images=card())
+
+
+def test_beam_search_answers_are_checked_whole(model, processor):
+    everything = AnyMALSafetyChecker(output_text=lambda text: float(bool(text.strip())))
+    pipe = pipeline("any-to-text", model=model, processor=processor, safety_checker=everything)
+    result = pipe(chat("Which digit?", card()), max_new_tokens=4, num_beams=2, return_full_text=False)[0]
+    assert result["generated_text"] == "" and result["safety"]["check"] == "output_text"
+    with pytest.raises(ValueError, match="OutputGuard follows fixed rows"):
+        guard = everything.output_guard(processor.tokenizer, 3)
+        guard(torch.ones(2, 4, dtype=torch.long))
+        guard(torch.ones(4, 5, dtype=torch.long))
+
+
+def test_with_an_association_check_a_streamer_gets_the_answer_only_once_it_passed(model, processor):
+    def red(item):
+        pixels = np.asarray(item[2][0]).astype(float)
+        return float(pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 50)
+
+    pipe = pipeline("any-to-text", model=model, processor=processor,
+                    safety_checker=AnyMALSafetyChecker(association=red))
+    streamed = {}
+    for color in ("red", "blue"):
+        streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        shown = []
+        reader = threading.Thread(target=shown.extend, args=(streamer,))
+        reader.start()
+        messages = chat("What is it?", Image.new("RGB", (32, 32), color))
+        result = pipe(messages, max_new_tokens=4, streamer=streamer, return_full_text=False)[0]
+        reader.join()
+        streamed[color] = ("".join(shown).strip(), result)
+    text, result = streamed["red"]
+    assert text == "" and result["safety"]["check"] == "association"  # nothing of the flagged answer was shown
+    text, result = streamed["blue"]
+    assert result["safety"] is None and text and text == result["generated_text"]

@@ -28,7 +28,15 @@ from .modeling_anymal import (
 )
 from .pipeline_anymal import AnyToTextPipeline
 from .processing_anymal import AnyMALProcessor, EncoderFeatures
-from .safety_anymal import AnyMALSafetyChecker, ClassifierCheck, GuardModelCheck, NudeNetCheck, ProfanityCheck
+from .safety_anymal import (
+    AnyMALSafetyChecker,
+    ClassifierCheck,
+    GuardModelCheck,
+    NudeNetCheck,
+    OutputGuard,
+    ProfanityCheck,
+    SafetyVerdict,
+)
 from .video_processing_anymal import AnyMALVideoProcessor
 
 
@@ -73,6 +81,8 @@ __all__ = [
     "GuardModelCheck",
     "ModalitySpec",
     "NudeNetCheck",
+    "OutputGuard",
     "ProfanityCheck",
+    "SafetyVerdict",
     "register_modality",
 ]

@@ -3,12 +3,13 @@
 import numpy as np
 import torch
 from transformers import AutoModelForMultimodalLM, GenerationConfig
+from transformers.generation.streamers import BaseStreamer
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.any_to_any import AnyToAnyPipeline, Chat, ReturnType
 
 from .configuration_anymal import MODALITIES
 from .processing_anymal import ARGUMENTS
-from .safety_anymal import AnyMALSafetyChecker
+from .safety_anymal import AnyMALSafetyChecker, has_images
 
 
 class ChatBatch:
@@ -72,8 +73,8 @@ class AnyToTextPipeline(AnyToAnyPipeline):
     With `safety_checker=AnyMALSafetyChecker(...)` (see `safety_anymal`), each chat's input is checked before prefill
     (a blocked chat gets the checker's refusal and is not generated; the others are), answers are checked every few
     tokens while they are generated and stopped where the check trips (a streamer only gets text that passed), and
-    answers to chats with images go through the association check. Each output then has `safety`: None, or the
-    tripped check with its score and reason.
+    answers to chats with images go through the association check (a streamer then gets them once it passed). Each
+    output then has `safety`: None, or the tripped check with its score and reason.
     """
 
     def __init__(self, *args, safety_checker: AnyMALSafetyChecker | None = None, **kwargs):
@@ -112,18 +113,20 @@ class AnyToTextPipeline(AnyToAnyPipeline):
     def _checked_call(self, text, media: dict, kwargs: dict):
         """`__call__` with the safety checker: inputs checked one chat (or text) at a time, the allowed ones
         generated together, refusals put back in their places, answers to chats with images checked against them."""
-        checker, full_text = self.safety_checker, kwargs.get("return_full_text", True) is not False
+        checker = self.safety_checker
         single = _is_chat(text) or isinstance(text, str)
-        prompts = [text] if single else list(text)
-        if all(map(_is_chat, prompts)):  # chats
+        prompts = [text] if single else list(text) if isinstance(text, (list, tuple)) else []
+        if prompts and all(map(_is_chat, prompts)):  # chats
             chats, media_per_prompt = [list(chat) for chat in prompts], None
-        elif all(isinstance(prompt, str) for prompt in prompts):  # keyword text, its media taken in order
+        elif prompts and all(isinstance(prompt, str) for prompt in prompts):  # keyword text, its media by placeholder
             media_per_prompt = self._media_per_text(prompts, media)
             chats = [[{"role": "user", "content": [*({"type": "image", "image": image} for image in own.get("images", [])),
                                                    {"type": "text", "text": prompt}]}]
                      for prompt, own in zip(prompts, media_per_prompt)]
         else:
-            raise ValueError("With a safety_checker, give a chat, a list of chats, or `text` (with keyword media).")
+            raise ValueError("With a safety_checker, give a chat, a list of chats, or `text` (with keyword media) "
+                             f"to the pipeline, not {type(text).__name__}.")
+        held = self._hold_stream_for_association(chats, kwargs)
 
         verdicts = [checker.check_input(chat) for chat in chats]
         allowed = [index for index, verdict in enumerate(verdicts) if verdict is None]
@@ -131,17 +134,18 @@ class AnyToTextPipeline(AnyToAnyPipeline):
         if allowed and media_per_prompt is None:
             outputs = dict(zip(allowed, self._generate([chats[index] for index in allowed], **kwargs)))
         elif allowed:
-            allowed_media = {argument: [item for index in allowed for item in media_per_prompt[index].get(argument, [])]
-                             or None for argument in media}
+            allowed_media = {argument: [own.get(argument, []) for own in map(media_per_prompt.__getitem__, allowed)]
+                             for argument in media if media[argument] is not None}
             allowed_text = [prompts[index] for index in allowed]
             records = self._generate(allowed_text[0] if single else allowed_text, **allowed_media, **kwargs)
             per_prompt = len(records) // len(allowed)  # num_return_sequences
             outputs = {index: records[k * per_prompt : (k + 1) * per_prompt] for k, index in enumerate(allowed)}
 
+        form = self._output_form(kwargs)
         results = []
         for index, (prompt, chat, verdict) in enumerate(zip(prompts, chats, verdicts)):
             if verdict is not None:
-                results.append([_refused(prompt, checker.refusal, verdict, full_text)])
+                results.append([_refused(prompt, checker.refusal, verdict, form, self.tokenizer)] * form["sequences"])
                 continue
             for record in outputs[index]:
                 record.setdefault("safety", None)
@@ -152,29 +156,44 @@ class AnyToTextPipeline(AnyToAnyPipeline):
                         _set_answer(record, checker.refusal)
                         record["safety"] = association.to_dict()
             results.append(outputs[index])
+        if held is not None:  # the answer is shown once the association check passed it
+            held.replay(passed=not any(record["safety"] for records in results for record in records))
         if single:
             return results[0]
         return results if media_per_prompt is None else [record for records in results for record in records]
 
+    def _hold_stream_for_association(self, chats: list, kwargs: dict):
+        """With an association check on a chat with images, a streamer gets the answer only after that check."""
+        options = kwargs.get("generate_kwargs") or {}
+        streamer = kwargs.get("streamer", options.get("streamer"))
+        if streamer is None or "association" not in self.safety_checker.checks or not any(map(has_images, chats)):
+            return None
+        held = _HeldStream(streamer)
+        if "streamer" in kwargs:
+            kwargs["streamer"] = held
+        else:
+            kwargs["generate_kwargs"] = {**options, "streamer": held}
+        return held
+
+    def _output_form(self, kwargs: dict) -> dict:
+        """What the outputs of this call look like, so that refusals look the same."""
+        call = {key: kwargs[key] for key in ("return_full_text", "return_tensors", "return_type") if key in kwargs}
+        return_type = {**self._postprocess_params, **self._sanitize_parameters(**call)[2]}.get("return_type")
+        options = kwargs.get("generate_kwargs") or {}
+        sequences = kwargs.get("num_return_sequences", options.get("num_return_sequences"))
+        return {"return_type": return_type, "sequences": sequences or self.model.generation_config.num_return_sequences
+                or 1}
+
     def _media_per_text(self, texts: list[str], media: dict) -> list[dict]:
-        """Keyword media (flat lists taken by the texts' placeholders in order, or one list per text) split by text."""
+        """Keyword media split by text: checked against each text's placeholders as the processor checks them."""
         per_text = [{} for _ in texts]
         for name, argument in ARGUMENTS.items():
-            items = media.get(argument)
-            if items is None:
+            if media.get(argument) is None:
                 continue
-            items = list(items) if isinstance(items, (list, tuple)) else [items]
-            if len(items) == len(texts) and all(isinstance(item, (list, tuple)) for item in items):
-                for sample, sample_items in zip(per_text, items):
-                    sample[argument] = list(sample_items)
-                continue
-            counts = [sample_text.count(MODALITIES[name].token) for sample_text in texts]
-            if sum(counts) != len(items):
-                raise ValueError(f"the texts hold {sum(counts)} {MODALITIES[name].token} placeholder(s) but "
-                                 f"{len(items)} {argument} were given; write one placeholder where each item belongs.")
-            start = 0
+            counts = [sample.count(MODALITIES[name].token) for sample in texts]
+            items = iter(self.processor._match_items(name, media[argument], counts))
             for sample, count in zip(per_text, counts):
-                sample[argument], start = items[start : start + count], start + count
+                sample[argument] = [next(items) for _ in range(count)]
         return per_text
 
     def _forward(self, model_inputs, generate_kwargs=None):
@@ -184,8 +203,9 @@ class AnyToTextPipeline(AnyToAnyPipeline):
         generate_kwargs = dict(generate_kwargs or {})
         guard = checker.output_guard(self.processor.tokenizer, model_inputs["input_ids"].shape[1],
                                      generate_kwargs.get("streamer"))
-        generate_kwargs["stopping_criteria"] = [*(generate_kwargs.get("stopping_criteria") or []), guard]
-        if guard.streamer is not None:
+        if (generate_kwargs.get("num_beams") or self.model.generation_config.num_beams or 1) == 1:
+            generate_kwargs["stopping_criteria"] = [*(generate_kwargs.get("stopping_criteria") or []), guard]
+        if guard.streamer is not None:  # beam search refuses streamers itself
             generate_kwargs["streamer"] = guard.streamer
         outputs = super()._forward(model_inputs, generate_kwargs)
         sequences = outputs["generated_sequence"]
@@ -261,13 +281,36 @@ def _set_answer(record: dict, answer: str):
         record["generated_text"] = answer
 
 
-def _refused(prompt, refusal: str, verdict, full_text: bool) -> dict:
-    """The output of a blocked input, in the form a generated one has."""
-    if isinstance(prompt, str):
-        generated = prompt + refusal if full_text else refusal
+def _refused(prompt, refusal: str, verdict, form: dict, tokenizer) -> dict:
+    """The output of a blocked input, in the form a generated one has in this call."""
+    record = {"input_text": _readable(prompt), "safety": verdict.to_dict()}
+    if form["return_type"] == ReturnType.TENSORS:
+        record["generated_token_ids"] = torch.tensor(tokenizer(refusal, add_special_tokens=False)["input_ids"])
+    elif form["return_type"] == ReturnType.NEW_TEXT:
+        record["generated_text"] = refusal
+    elif isinstance(prompt, str):
+        record["generated_text"] = prompt + refusal
     else:
-        generated = [*prompt, {"role": "assistant", "content": refusal}] if full_text else refusal
-    return {"input_text": _readable(prompt), "generated_text": generated, "safety": verdict.to_dict()}
+        record["generated_text"] = [*prompt, {"role": "assistant", "content": refusal}]
+    return record
+
+
+class _HeldStream(BaseStreamer):
+    """Keeps what `generate` streams until `replay`: all of it when the answer passed, only the prompt if not."""
+
+    def __init__(self, streamer: BaseStreamer):
+        self.streamer, self.values = streamer, []
+
+    def put(self, value):
+        self.values.append(value)
+
+    def end(self):
+        pass
+
+    def replay(self, passed: bool):
+        for value in self.values if passed else self.values[:1]:
+            self.streamer.put(value)
+        self.streamer.end()
 
 
 PIPELINE_REGISTRY.register_pipeline(

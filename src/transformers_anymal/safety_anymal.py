@@ -9,8 +9,9 @@ callable that returns a score in [0, 1].
 
 Input checks run before prefill: a blocked chat gets `checker.refusal` and no generation. The output check runs on
 the answer every `check_every` new tokens, as a `StoppingCriteria` of `generate`, and stops that sample when it trips;
-a streamer given to the pipeline (or wrapped by `output_guard`) only receives text that passed a check, so unsafe
-text is never shown. Every result of a checked call carries `safety`: None, or which check tripped, with its score.
+a streamer given to the pipeline (or wrapped by `output_guard`) only receives whole words that passed a check, and,
+with an association check, the answer to a chat with images only after it, so unsafe text is never shown. Every
+result of a checked call carries `safety`: None, or which check tripped, with its score.
 """
 
 from dataclasses import asdict, dataclass
@@ -51,53 +52,72 @@ class SafetyVerdict:
 
 class ClassifierCheck:
     """A transformers classification pipeline as a check: the score is the highest probability among `unsafe_labels`.
+    Texts longer than the classifier's limit are truncated by its tokenizer.
 
         ClassifierCheck(pipeline("text-classification", model="meta-llama/Llama-Prompt-Guard-2-86M"), ["LABEL_1"])
         ClassifierCheck(pipeline("image-classification", model=...), ["nsfw"])
     """
 
     def __init__(self, classifier: Pipeline, unsafe_labels):
-        labels = set(classifier.model.config.id2label.values())
+        labels = sorted(set(classifier.model.config.id2label.values()))
+        if unsafe_labels is None or not len(unsafe_labels):
+            raise ValueError(f"{_name(classifier)} needs unsafe_labels: which of its labels {labels} mean unsafe.")
         self.unsafe_labels = [unsafe_labels] if isinstance(unsafe_labels, str) else list(unsafe_labels)
         unknown = [label for label in self.unsafe_labels if label not in labels]
-        if unknown or not self.unsafe_labels:
-            raise ValueError(f"unsafe_labels {unknown or self.unsafe_labels} are not labels of "
-                             f"{classifier.model.config.name_or_path or type(classifier.model).__name__}; its labels "
-                             f"are {sorted(labels)}: name the ones that mean unsafe.")
-        self.classifier = classifier
+        if unknown:
+            raise ValueError(f"unsafe_labels {unknown} are not labels of {_name(classifier)}; its labels are {labels}: "
+                             "name the ones that mean unsafe.")
+        self.classifier, self.num_labels = classifier, len(labels)
+        self.options = {"truncation": True} if classifier.task == "text-classification" else {}
 
     def __call__(self, items: list) -> list[tuple[float, str]]:
-        results = self.classifier(items, top_k=None)
+        results = self.classifier(items, top_k=self.num_labels, **self.options)  # every label's probability
         scores = []
         for result in results:
             unsafe = [entry for entry in result if entry["label"] in self.unsafe_labels]
-            best = max(unsafe, key=lambda entry: entry["score"])
+            best = max(unsafe, key=lambda entry: entry["score"], default={"score": 0.0, "label": None})
             scores.append((float(best["score"]), best["label"]))
         return scores
 
 
+def _name(classifier: Pipeline) -> str:
+    return classifier.model.config.name_or_path or type(classifier.model).__name__
+
+
 class GuardModelCheck:
     """A guard LLM (Llama Guard 3/4, Qwen3Guard, ShieldGemma, ...) as a check, with its own chat template as the
-    policy prompt. It judges a user turn (input checks) or a user turn with the assistant's answer (output and
-    association checks, which also pass the images to a vision guard such as Llama Guard 4). The score is 1 when the
-    guard's verdict starts with `unsafe_prefix`, and the label is the rest of it (e.g. the violated category, "S1").
+    policy prompt. Items are judged as the guard's template lays them out: a text (input or output check) as a turn
+    of `text_role` ("user" for prompts; "assistant" to judge answers as responses), an image (input image check) as
+    a user turn holding it (a vision guard such as Llama Guard 4, with its processor), and `(prompt, answer,
+    images)` (association check) as the user's prompt and images followed by the assistant's answer. The score is 1
+    when the guard's verdict starts with `unsafe_prefix`, and the label is the rest of it (e.g. the category, "S1").
 
         GuardModelCheck(AutoModelForCausalLM.from_pretrained("meta-llama/Llama-Guard-3-1B"), tokenizer)
     """
 
-    def __init__(self, model, processor, unsafe_prefix: str = "unsafe", max_new_tokens: int = 10, **generate_kwargs):
-        self.model, self.processor, self.unsafe_prefix = model, processor, unsafe_prefix
+    def __init__(self, model, processor, unsafe_prefix: str = "unsafe", text_role: str = "user",
+                 max_new_tokens: int = 10, **generate_kwargs):
+        if text_role not in ("user", "assistant"):
+            raise ValueError(f"text_role is 'user' or 'assistant', got {text_role!r}.")
+        self.model, self.processor, self.unsafe_prefix, self.text_role = model, processor, unsafe_prefix, text_role
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, **generate_kwargs}
 
     def __call__(self, items: list) -> list[tuple[float, str]]:
-        return [self._judge(item) for item in items]
+        return [self._judge(self._conversation(item)) for item in items]
 
-    def _judge(self, item) -> tuple[float, str]:
-        prompt, answer, images = (item, None, []) if isinstance(item, str) else item
-        content = [*({"type": "image", "image": image} for image in images), {"type": "text", "text": prompt or ""}]
-        conversation = [{"role": "user", "content": content}]
-        if answer is not None:
-            conversation.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    def _conversation(self, item) -> list[dict]:
+        def turn(role, text, images=()):
+            return {"role": role, "content": [*({"type": "image", "image": image} for image in images),
+                                              *([{"type": "text", "text": text}] if text or not images else [])]}
+
+        if isinstance(item, str):
+            return [turn("user", ""), turn("assistant", item)] if self.text_role == "assistant" else [turn("user", item)]
+        if isinstance(item, Image.Image):
+            return [turn("user", "", [item])]
+        prompt, answer, images = item
+        return [turn("user", prompt, images), turn("assistant", answer)]
+
+    def _judge(self, conversation: list[dict]) -> tuple[float, str]:
         inputs = self.processor.apply_chat_template(conversation, tokenize=True, return_dict=True,
                                                     add_generation_prompt=True, return_tensors="pt")
         with torch.inference_mode():
@@ -164,6 +184,9 @@ class AnyMALSafetyChecker:
         given = {"input_text": input_text, "input_image": input_image, "output_text": output_text,
                  "association": association}
         self.checks = {name: _as_check(name, check, unsafe_labels) for name, check in given.items() if check is not None}
+        if isinstance(threshold, dict) and set(threshold) - set(CHECKS):
+            raise ValueError(f"threshold names unknown checks {sorted(set(threshold) - set(CHECKS))}; the checks are "
+                             f"{', '.join(CHECKS)}.")
         self.thresholds = {name: threshold[name] if isinstance(threshold, dict) else threshold
                            for name in self.checks if not isinstance(threshold, dict) or name in threshold}
         missing = [name for name in self.checks if name not in self.thresholds]
@@ -193,26 +216,30 @@ class AnyMALSafetyChecker:
 
     def check_input(self, messages: list[dict]) -> SafetyVerdict | None:
         """The first tripped input check of a chat: the text of each user message, then each image in them."""
-        user_turns = [message for message in messages if message.get("role", "user") == "user"]
-        texts = [text for text in map(_text_of, user_turns) if text]
-        images = [_as_pil(block) for message in user_turns for block in _blocks(message) if block.get("type") == "image"]
-        return next((verdict for verdict in self.run("input_text", texts) + self.run("input_image", images)
-                     if verdict is not None), None)
+        texts = [text for text in map(_text_of, _user_turns(messages)) if text]
+        verdict = next((verdict for verdict in self.run("input_text", texts) if verdict is not None), None)
+        if verdict is None and "input_image" in self.checks:  # images are read only for a check that needs them
+            verdict = next((verdict for verdict in self.run("input_image", images_of(messages))
+                            if verdict is not None), None)
+        return verdict
 
     def check_association(self, messages: list[dict], answer: str) -> SafetyVerdict | None:
-        images = [_as_pil(block) for message in messages if message.get("role", "user") == "user"
-                  for block in _blocks(message) if block.get("type") == "image"]
-        if not images or "association" not in self.checks:
+        """The association check on the chat's user images with the answer; None for chats without images."""
+        if "association" not in self.checks or not has_images(messages):
             return None
-        prompt = next((_text_of(message) for message in reversed(messages) if message.get("role") == "user"), "")
-        return self.run("association", [(prompt, answer, images)])[0]
+        prompt = next((_text_of(message) for message in reversed(_user_turns(messages))), "")
+        return self.run("association", [(prompt, answer, images_of(messages))])[0]
 
     def output_guard(self, tokenizer, prompt_length: int, streamer: BaseStreamer | None = None) -> "OutputGuard":
         """A `StoppingCriteria` that runs the output check every `check_every` tokens; pass it (and its `streamer`,
-        which holds text back until it is checked) to `generate`, then read `guard.verdicts`:
+        which holds text back until it is checked) to `generate`, then let `finish` check the rest:
 
             guard = checker.output_guard(processor.tokenizer, inputs["input_ids"].shape[1], TextIteratorStreamer(...))
-            model.generate(**inputs, stopping_criteria=[guard], streamer=guard.streamer)
+            generated = guard.finish(model.generate(**inputs, stopping_criteria=[guard], streamer=guard.streamer))
+            guard.verdicts  # per row: None, or the SafetyVerdict that stopped it
+
+        Greedy decoding and sampling only: beam search re-sorts its rows every step (check its results with
+        `finish` alone, which then removes a flagged answer whole).
         """
         return OutputGuard(self, tokenizer, prompt_length, streamer)
 
@@ -232,6 +259,9 @@ class OutputGuard(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
         if not self.verdicts:
             self.verdicts, self.passed = [None] * len(input_ids), [0] * len(input_ids)
+        if len(input_ids) != len(self.verdicts):
+            raise ValueError("OutputGuard follows fixed rows (greedy decoding or sampling); with beam search, check "
+                             "the results with guard.finish(sequences) instead of passing it as a stopping criterion.")
         self.sequences = input_ids
         if input_ids.shape[1] - self.prompt_length - self.checked >= self.checker.check_every:
             self._check(input_ids)
@@ -249,8 +279,26 @@ class OutputGuard(StoppingCriteria):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         for row, verdict in enumerate(self.verdicts):
             if verdict is not None:
-                sequences[row, self.prompt_length + self.passed[row]:] = pad
+                sequences[row, self.prompt_length + self.kept(row, sequences):] = pad
         return sequences
+
+    def kept(self, row: int, sequences: torch.LongTensor) -> int:
+        """How many generated tokens of `row` may be shown: all of them once the row has ended unflagged, else those
+        that passed a check up to the last word boundary (so no fragment of a flagged word gets out)."""
+        answer = sequences[row, self.prompt_length:].tolist()
+        if self.verdicts[row] is None and self.passed[row] == len(answer):
+            return len(answer)
+        end = self.passed[row]
+        while end > 0 and not self._starts_word(answer, end):
+            end -= 1
+        return end
+
+    def _starts_word(self, answer: list[int], index: int) -> bool:
+        """Whether token `index` of `answer` begins a new word (its text starts with white space)."""
+        if index >= len(answer):
+            return False
+        before = self.tokenizer.decode(answer[:index], skip_special_tokens=True)
+        return self.tokenizer.decode(answer[: index + 1], skip_special_tokens=True)[len(before):][:1].isspace()
 
     def _check(self, sequences: torch.LongTensor):
         generated = self.checked = sequences.shape[1] - self.prompt_length
@@ -285,19 +333,15 @@ class _HeldBackStreamer(BaseStreamer):
         guard = self.guard
         if guard.sequences is None or not guard.passed:
             return
-        passed = guard.passed[0]
-        if passed > self.released:
+        kept = guard.kept(0, guard.sequences)
+        if kept > self.released:
             start = guard.prompt_length + self.released
-            self.streamer.put(guard.sequences[0, start : guard.prompt_length + passed].cpu())
-            self.released = passed
+            self.streamer.put(guard.sequences[0, start : guard.prompt_length + kept].cpu())
+            self.released = kept
 
 
 def _as_check(name: str, check, unsafe_labels):
     if isinstance(check, Pipeline):
-        if unsafe_labels is None:
-            labels = sorted(set(check.model.config.id2label.values()))
-            raise ValueError(f"the {name} check is a pipeline: pass unsafe_labels, the labels of {labels} that mean "
-                             f"unsafe (or wrap it in ClassifierCheck).")
         return ClassifierCheck(check, unsafe_labels)
     if isinstance(check, BATCHED_CHECKS):
         return check
@@ -326,6 +370,24 @@ def _score_and_label(name: str, result) -> tuple[float, str | None]:
     return score, label
 
 
+def _user_turns(messages: list[dict]) -> list[dict]:
+    return [message for message in messages if message.get("role") == "user"]
+
+
+def _image_blocks(messages: list[dict]) -> list[dict]:
+    return [block for message in _user_turns(messages) for block in _blocks(message) if block.get("type") == "image"]
+
+
+def has_images(messages: list[dict]) -> bool:
+    """Whether the chat's user turns hold images (what the association check looks at)."""
+    return bool(_image_blocks(messages))
+
+
+def images_of(messages: list[dict]) -> list[Image.Image]:
+    """The images of the chat's user turns, read."""
+    return [_as_pil(block) for block in _image_blocks(messages)]
+
+
 def _blocks(message: dict) -> list[dict]:
     content = message.get("content")
     return content if isinstance(content, list) else []
@@ -339,7 +401,9 @@ def _text_of(message: dict) -> str:
 
 
 def _as_pil(block: dict) -> Image.Image:
-    value = next(block[key] for key in ("image", "url", "path", "base64") if block.get(key) is not None)
+    value = next((block[key] for key in ("image", "url", "path", "base64") if block.get(key) is not None), None)
+    if value is None:
+        raise ValueError("an image block needs one of 'image', 'url', 'path', 'base64'.")
     if isinstance(value, EncoderFeatures):
         raise TypeError("The input_image check needs the images, not their cached encoder features: check the images "
                         "before caching, or leave input_image unset for cached rows.")
