@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,7 +156,7 @@ def test_bad_setups_fail_before_training(setup, tmp_path):
     assert "'loss'" not in bad.stdout + bad.stderr  # training never started
 
 
-def test_resume_after_a_kill_is_exact(setup, tmp_path):
+def test_resume_after_a_kill_skips_a_half_written_checkpoint_and_is_exact(setup, tmp_path):
     arguments = ["--max_steps", 8, "--save_steps", 2, "--learning_rate", "1e-3", "--lora_dropout", "0.1"]
     recipe("sft.py", setup, tmp_path / "straight", *arguments)
 
@@ -170,13 +171,36 @@ def test_resume_after_a_kill_is_exact(setup, tmp_path):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "killed" / "checkpoint-8").exists(), "killed too late to test resuming"
-    recipe("sft.py", setup, tmp_path / "killed", *arguments, "--resume_from_checkpoint", "last")
+    shutil.rmtree(tmp_path / "killed" / "checkpoint-6", ignore_errors=True)
+    shutil.copytree(tmp_path / "killed" / "checkpoint-4", tmp_path / "killed" / "checkpoint-6",
+                    ignore=shutil.ignore_patterns("trainer_state.json", "rng_state*"))  # killed while writing it
+    resumed_run = recipe("sft.py", setup, tmp_path / "killed", *arguments, "--resume_from_checkpoint", "last")
+    assert "Skipping " + str(tmp_path / "killed" / "checkpoint-6") in resumed_run.stderr
+    assert "Resuming from " + str(tmp_path / "killed" / "checkpoint-4") in resumed_run.stderr
 
     straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "killed" / "adapter_model.safetensors")
     assert straight.keys() == resumed.keys()
     for key, tensor in straight.items():
         assert torch.equal(tensor, resumed[key]), key
+
+
+def test_a_checkpoint_without_optimizer_state_is_refused_unless_asked(setup, tmp_path):
+    arguments = ["--max_steps", 4, "--save_steps", 2]
+    recipe("sft.py", setup, tmp_path / "run", *arguments)
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    (checkpoint / "optimizer.pt").unlink()
+    refused = recipe("sft.py", setup, tmp_path / "run", *arguments, "--resume_from_checkpoint", checkpoint,
+                     check=False)
+    assert refused.returncode != 0 and f"{checkpoint} has no optimizer state (optimizer.pt)" in refused.stderr
+    assert "--resume_without_optimizer_state" in refused.stderr and "'loss'" not in refused.stdout + refused.stderr
+    resumed = recipe("sft.py", setup, tmp_path / "run", *arguments, "--resume_from_checkpoint", checkpoint,
+                     "--resume_without_optimizer_state")
+    assert "without its optimizer state (optimizer.pt): they start afresh" in resumed.stderr
+    (tmp_path / "run" / "checkpoint-4" / "trainer_state.json").unlink()
+    (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").unlink()
+    nothing = recipe("sft.py", setup, tmp_path / "run", *arguments, "--resume_from_checkpoint", "last", check=False)
+    assert nothing.returncode != 0 and "no complete checkpoint-N folder" in nothing.stderr
 
 
 def test_two_process_ddp_keeps_ranks_identical(setup, tmp_path):

@@ -5,6 +5,7 @@ import argparse
 import hashlib
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -12,9 +13,18 @@ from datasets import load_dataset, load_from_disk
 from peft import LNTuningConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForMultimodalLM, AutoProcessor
+from transformers.utils import logging
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
 from .modeling_anymal import AnyMALForConditionalGeneration
+
+
+logger = logging.get_logger(__name__)
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into each checkpoint
+OPTIMIZER_STATE = {  # as the Trainer saves it: one file, FSDP's sharded folder, DeepSpeed's global_step folder
+    "optimizer state (optimizer.pt)": ("optimizer.pt", "optimizer.bin", "optimizer_*", "global_step*"),
+    "scheduler state (scheduler.pt)": ("scheduler.pt",),
+}
 
 
 @dataclass
@@ -35,6 +45,9 @@ class AnyMALSFTConfig(SFTConfig):
     dataset_kwargs: dict | None = field(default_factory=lambda: {"skip_prepare_dataset": True},
                                         metadata={"help": "The collator tokenizes; TRL's preparation is skipped."})
     logging_steps: float = field(default=1, metadata={"help": "Log the loss every this many steps."})
+    resume_without_optimizer_state: bool = field(default=False, metadata={
+        "help": "Resume from a checkpoint that lacks the optimizer or scheduler state: they start afresh, so the run "
+                "will not end where an uninterrupted one would."})
 
 
 def parse_recipe_args(dataclasses: tuple, description: str, argv: list[str] | None = None) -> tuple:
@@ -93,13 +106,48 @@ def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, **kwarg
 
 
 def train(trainer, training_args) -> None:
-    """`trainer.train()`, resuming from the newest checkpoint for `--resume_from_checkpoint last`; in a distributed
-    run, each rank then prints a digest of its trainable weights, which ranks in sync share."""
-    resume = training_args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    """`trainer.train()`, resuming from `--resume_from_checkpoint` (`last`: the newest complete checkpoint); in a
+    distributed run, each rank then prints a digest of its trainable weights, which ranks in sync share."""
+    checkpoint = resume_checkpoint(training_args.output_dir, training_args.resume_from_checkpoint,
+                                   getattr(training_args, "resume_without_optimizer_state", False))
+    trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.accelerator.num_processes > 1:
         print(f"rank {trainer.accelerator.process_index}: digest of the trainable weights {checksum(trainer.model)} "
               "(the same on every rank when the ranks are in sync)", flush=True)
+
+
+def resume_checkpoint(output_dir: str, resume: str | bool | None, without_optimizer_state: bool = False) -> str | None:
+    """The checkpoint folder to resume from: `resume` itself, or for "last" the newest complete `checkpoint-N` in
+    `output_dir`. The Trainer writes `trainer_state.json` last, so a folder without it was cut short while being
+    written (the run was killed): it is skipped, with a warning. A checkpoint without the optimizer's or scheduler's
+    state is refused unless `without_optimizer_state`, since resuming from it changes the run's result."""
+    if resume in (None, False, "", "False", "false"):
+        return None
+    if resume in (True, "last", "True", "true"):
+        folders = sorted((path for path in Path(output_dir).glob("checkpoint-*") if path.name[11:].isdigit()),
+                         key=lambda path: int(path.name[11:]), reverse=True)
+        complete = next((folder for folder in folders if (folder / TRAINER_STATE).is_file()), None)
+        for folder in folders[: folders.index(complete) if complete else None]:
+            logger.warning(f"Skipping {folder}: it has no {TRAINER_STATE}, which the Trainer writes last, so the run "
+                           "stopped while writing it. It is overwritten when training reaches that step again.")
+        if complete is None:
+            raise ValueError(f"--resume_from_checkpoint last: no complete checkpoint-N folder in {output_dir}"
+                             f"{' (all were cut short)' if folders else ''}; start without the option.")
+        logger.warning(f"Resuming from {complete}.")
+        checkpoint = complete
+    else:
+        checkpoint = Path(resume)
+        if not (checkpoint / TRAINER_STATE).is_file():
+            raise ValueError(f"--resume_from_checkpoint {resume}: no {TRAINER_STATE} there; it is not a checkpoint "
+                             "folder, or it was cut short while being written.")
+    missing = [name for name, patterns in OPTIMIZER_STATE.items()
+               if not any(any(checkpoint.glob(pattern)) for pattern in patterns)]
+    if missing and not without_optimizer_state:
+        raise ValueError(f"{checkpoint} has no {' and no '.join(missing)}: resuming would restart them and end "
+                         "elsewhere than an uninterrupted run. Pass --resume_without_optimizer_state to resume anyway.")
+    if missing:
+        logger.warning(f"Resuming from {checkpoint} without its {' and '.join(missing)}: they start afresh.")
+    return str(checkpoint)
 
 
 def projector_tuning_config(model: AnyMALForConditionalGeneration) -> LNTuningConfig:
