@@ -267,8 +267,23 @@ def test_truncated_placeholder_run_is_named():
     inputs = make_inputs(model.config, [["text", "image"], ["image", "text"]])
     inputs["input_ids"][0, -3:] = 7  # cut into sample 0's run
     inputs["input_ids"][1, -3:] = model.config.image_token_id  # same total, split 5 + 11
-    with pytest.raises(ValueError, match="sample 0 has 5 placeholder tokens, not a multiple of the 8"):
+    with pytest.raises(ValueError, match="sample 0 has a run of 5 <image> tokens at position .*, not a multiple of the 8"):
         model(**inputs)
+
+
+def test_an_items_tokens_split_by_text_are_refused():
+    model = tiny_model()
+    inputs = make_inputs(model.config, [["text", "image", "text"]])
+    ids = inputs["input_ids"][0].tolist()
+    start = ids.index(model.config.image_token_id)
+    split = ids[:start + 4] + [7, 7] + ids[start + 4 : start + 8] + ids[start + 8 :]  # 4 tokens, text, 4 tokens
+    inputs["input_ids"] = torch.tensor([split])
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    assert split.count(model.config.image_token_id) == model.config.num_tokens["image"]  # the count alone is right
+    with pytest.raises(ValueError, match=f"sample 0 has a run of 4 <image> tokens at position {start}.*split"):
+        model(**inputs)
+    two = make_inputs(model.config, [["text", "image", "image", "text"]])  # adjacent items: one run of 16
+    assert model(**two).logits.isfinite().all()
 
 
 def test_modality_missing_from_the_model_is_named():

@@ -467,12 +467,17 @@ class AnyMALModel(AnyMALPreTrainedModel):
                 f"items x {num_tokens}) but {features.shape[0] // num_tokens} {name} items were given "
                 f"({features.shape[0]} tokens); put one {token} per item in the text and let AnyMALProcessor expand it."
             )
-        per_sample = mask.sum(-1)
-        if (per_sample % num_tokens).any():
-            sample = int((per_sample % num_tokens).nonzero()[0])
+        edges = F.pad(mask.int(), (1, 1)).diff(dim=-1)  # +1 where a run of placeholders starts, -1 after it
+        starts, ends = (edges == 1).nonzero(), (edges == -1).nonzero()
+        lengths = ends[:, 1] - starts[:, 1]
+        if (lengths % num_tokens).any():  # each item's tokens are one unbroken run; adjacent items make longer runs
+            run = int((lengths % num_tokens).nonzero()[0])
+            sample, start, length = int(starts[run, 0]), int(starts[run, 1]), int(lengths[run])
             raise ValueError(
-                f"{name}: sample {sample} has {int(per_sample[sample])} placeholder tokens, not a multiple of the "
-                f"{num_tokens} per item; was the text truncated inside a run of {MODALITIES[name].token} tokens?"
+                f"{name}: sample {sample} has a run of {length} {MODALITIES[name].token} tokens at position {start}, "
+                f"not a multiple of the {num_tokens} per item: an item's tokens are split by other tokens, or the text "
+                f"was truncated inside them. Put one {MODALITIES[name].token} per item in the text and let "
+                "AnyMALProcessor expand it."
             )
         return mask.unsqueeze(-1).expand_as(inputs_embeds)
 
