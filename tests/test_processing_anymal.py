@@ -331,3 +331,104 @@ def test_grayscale_arrays_are_images(processor):
     from_array = processor(text="<image>", images=gray)["pixel_values"]
     as_pil = processor(text="<image>", images=Image.fromarray(gray))["pixel_values"]  # PIL's "L", made RGB
     assert from_array.shape == as_pil.shape and torch.allclose(from_array, as_pil)
+
+
+# What each value type means: integer PCM, 16-bit and float images are brought to the scale the encoders expect
+
+
+def test_integer_pcm_audio_is_scaled_to_the_float_range(processor):
+    rng = np.random.default_rng(0)
+    pcm = rng.integers(-32768, 32768, 48_000, dtype=np.int16)
+    as_int = processor(text="<audio>", audio=pcm, sampling_rate=48_000)["input_features"]
+    as_float = processor(text="<audio>", audio=pcm / 32768, sampling_rate=48_000)["input_features"]
+    assert torch.allclose(as_int, as_float, atol=1e-4)
+    unsigned = (pcm.astype(np.int32) // 256 + 128).astype(np.uint8)  # 8-bit WAV: unsigned, centred on 128
+    as_uint8 = processor(text="<audio>", audio=unsigned, sampling_rate=48_000)["input_features"]
+    expected = processor(text="<audio>", audio=(unsigned / 128 - 1), sampling_rate=48_000)["input_features"]
+    assert torch.allclose(as_uint8, expected, atol=1e-4)
+    as_list = processor(text="<audio>", audio=(pcm / 32768).tolist(), sampling_rate=48_000)["input_features"]
+    assert torch.allclose(as_list, as_float, atol=1e-4)  # a Python list of samples is one waveform
+    with pytest.raises(ValueError, match=r"audio 0: .*float samples reach 3\d{4}.*divide 16-bit PCM stored as floats"):
+        processor(text="<audio>", audio=pcm.astype(np.float32), sampling_rate=48_000)
+
+
+def test_audio_longer_than_the_window_keeps_its_middle_the_same_every_time(processor, caplog):
+    rng = np.random.default_rng(0)
+    long = rng.uniform(-1, 1, 48_000 * 14).astype(np.float32)
+    with caplog.at_level(logging.WARNING):
+        first = processor(text="<audio>", audio=long, sampling_rate=48_000)["input_features"]
+    second = processor(text="<audio>", audio=long, sampling_rate=48_000)["input_features"]
+    middle = processor(text="<audio>", audio=long[2 * 48_000 : 12 * 48_000], sampling_rate=48_000)["input_features"]
+    assert torch.equal(first, second) and torch.equal(first, middle)
+    assert "longer than the encoder's 10 s window; keeping its middle" in caplog.text
+
+
+def test_16_bit_and_float_images_mean_what_8_bit_ones_do(processor, tmp_path):
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # the encoder's size: no resampling
+    expected = processor(text="<image>", images=eight)["pixel_values"]
+    sixteen = eight.astype(np.uint16) * 257
+    assert torch.allclose(processor(text="<image>", images=sixteen)["pixel_values"], expected, atol=1e-5)
+    unit = eight.astype(np.float32) / 255
+    assert torch.allclose(processor(text="<image>", images=unit)["pixel_values"], expected, atol=1e-5)
+    assert torch.allclose(processor(text="<image>", images=torch.from_numpy(unit))["pixel_values"], expected, atol=1e-5)
+    gray = eight[..., 0]
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # a 16-bit grayscale PNG
+    with Image.open(tmp_path / "sixteen.png") as png:
+        assert png.mode.startswith("I")
+        from_png = processor(text="<image>", images=png)["pixel_values"]
+    assert torch.allclose(from_png, processor(text="<image>", images=gray)["pixel_values"], atol=1e-5)
+
+
+@pytest.mark.parametrize("image, error, message", [
+    (np.full((8, 8, 3), 200.0, dtype=np.float32), ValueError, r"float pixel values span 200..200; .* divide 0-255"),
+    (np.full((8, 8, 3), np.nan, dtype=np.float32), ValueError, "NaN or infinite"),
+    (np.full((8, 8, 3), 300, dtype=np.int64), ValueError, r"int64 pixel values span 300..300"),
+    (np.ones((8, 8, 3), dtype=np.complex64), TypeError, "complex values"),
+])
+def test_images_whose_scale_cannot_be_known_are_refused(processor, image, error, message):
+    with pytest.raises(error, match=f"image 0: .*{message}" if error is ValueError else message):
+        processor(text="<image>", images=image)
+
+
+def test_video_frames_follow_the_image_rules(processor):
+    frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    expected = processor(text="<video>", videos=frames)["pixel_values_videos"]
+    unit = processor(text="<video>", videos=frames.astype(np.float32) / 255)["pixel_values_videos"]
+    assert torch.allclose(unit, expected, atol=1e-5)
+    broken = frames.astype(np.float32) / 255
+    broken[3, 5, 5] = np.nan
+    with pytest.raises(ValueError, match="video 0: .*NaN or infinite"):
+        processor(text="<video>", videos=broken)
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    ({"text": "<audio>", "audio": np.ones(48_000, dtype=np.complex64), "sampling_rate": 48_000}, TypeError,
+     "audio 0: complex values"),
+    ({"text": "<imu>", "imu": np.ones((6, 300), dtype=np.complex128), "imu_sampling_rate": 100}, TypeError,
+     "imu 0: complex values"),
+    ({"text": "<audio>", "audio": np.array([0.5], dtype=np.float32), "sampling_rate": 48_000}, ValueError,
+     r"audio 0: 1 samples at 48000 Hz are shorter than one analysis window \(1024 samples"),
+    ({"text": "<imu>", "imu": np.zeros(600), "imu_sampling_rate": 100}, ValueError,
+     r"imu: an array of shape \(600,\) is neither one imu \(2-D\) nor a stack of them \(3-D\)"),
+    ({"text": "<video>", "videos": np.zeros((32, 64, 64), dtype=np.uint8)}, ValueError,
+     r"videos: an array of shape \(32, 64, 64\) is neither one video \(4-D\) nor a stack of them \(5-D\)"),
+])
+def test_arrays_that_are_not_items_are_named_as_such(processor, arguments, error, message):
+    with pytest.raises(error, match=message):
+        processor(**arguments)
+
+
+def test_placeholders_typed_in_chat_text_cannot_make_or_take_a_media_slot(processor, media):
+    image_chat = chat({"type": "image", "path": media["image"]}, text="What is <image> in HTML?")
+    with pytest.raises(ValueError, match=r"message 0, block 1: the text holds <image>, the placeholder of a media slot"):
+        processor.apply_chat_template(image_chat, tokenize=True, return_dict=True)
+    with pytest.raises(ValueError, match=r"message 0: the text holds <audio>"):
+        processor.apply_chat_template(chat(text="hi", system="Answer about <audio>"), tokenize=True)
+    # the keyword form writes placeholders in the text by design
+    assert int((processor(text="<image> what?", images=media["image"])["input_ids"] == processor.image_token_id).sum())
+
+
+def test_the_imu_feature_extractor_refuses_complex_recordings(processor):
+    with pytest.raises(TypeError, match="imu 0: complex values"):
+        processor.imu_feature_extractor(np.ones((6, 300), dtype=np.complex64), sampling_rate=100)

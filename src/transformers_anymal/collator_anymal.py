@@ -1,6 +1,7 @@
 """AnyMALDataCollator: chat rows with media of any modality in, padded model inputs with answer-only labels out."""
 
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,10 +46,14 @@ class AnyMALDataCollator:
         if not rows:
             raise ValueError("AnyMALDataCollator got an empty batch; give it at least one row.")
         chats = [self.chat(row, index) for index, row in enumerate(rows)]
-        batch = self.processor.apply_chat_template(
-            chats, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt",
-            processor_kwargs={"padding_side": self.padding_side},
-        )
+        try:
+            batch = self.processor.apply_chat_template(
+                chats, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt",
+                processor_kwargs={"padding_side": self.padding_side},
+            )
+        except (ValueError, TypeError) as error:  # the processor counts conversations (and items) in the batch
+            message = re.sub(r"^(?:conversation|text) (\d+)", r"row \1", str(error))
+            raise type(error)(message if message != str(error) else f"a row of the batch: {error}") from error
         answers = batch.pop("assistant_masks").bool() & batch["attention_mask"].bool()
         for name in ARGUMENTS:  # a media block inside an answer is input, not something to predict
             answers &= batch["input_ids"] != getattr(self.processor, f"{name}_token_id")

@@ -85,7 +85,9 @@ class AnyMALIMUFeatureExtractor(FeatureExtractionMixin):
         for index, recording in enumerate(recordings):
             try:
                 window, mask = self._window(recording, sampling_rate, channels_first)
-            except (ValueError, TypeError, OSError) as error:
+            except TypeError as error:
+                raise TypeError(f"imu {index}: {error}") from error
+            except (ValueError, OSError) as error:
                 raise ValueError(f"imu {index}: {error}") from error
             windows.append(window)
             masks.append(mask)
@@ -104,6 +106,8 @@ class AnyMALIMUFeatureExtractor(FeatureExtractionMixin):
             recording = recording.detach().cpu().numpy()
         if not isinstance(recording, np.ndarray) and not isinstance(recording, (list, tuple)):
             raise TypeError(f"expected an array, a .npy/.csv path or a dict, got {type(recording).__name__}")
+        if np.iscomplexobj(recording):
+            raise TypeError("complex values; give the real signal (np.real, or np.abs for magnitudes).")
         values = np.asarray(recording, dtype=np.float64)
         if sampling_rate is None:
             raise ValueError(

@@ -1,17 +1,24 @@
 """AnyMALProcessor: text with placeholders plus images, videos, audio and IMU recordings in; model inputs out."""
 
+import numbers
 import os
 import re
 
+import jinja2
 import numpy as np
 import torch
+from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 from transformers.audio_utils import load_audio
 from transformers.image_utils import load_image
+from transformers.utils import logging
 
 from .configuration_anymal import MODALITIES
 from .feature_extraction_anymal import AnyMALIMUFeatureExtractor
 from .video_processing_anymal import AnyMALVideoProcessor
+
+
+logger = logging.get_logger(__name__)
 
 
 # the processor argument carrying each modality's items
@@ -50,6 +57,8 @@ CHAT_TEMPLATE = (  # Llama-2-chat's format
     "{%- elif message['role'] == 'assistant' -%}"
     # the space before the answer is part of it: tokenizers merge it into the answer's first token
     "{%- generation -%}{{ ' ' ~ render(message['content']) | trim ~ ' ' ~ eos_token }}{%- endgeneration -%}"
+    "{%- elif message['role'] == 'system' -%}"
+    "{{ raise_exception('A system message goes first in a Llama-2-chat prompt; move it to the start of the chat') }}"
     "{%- else -%}{{ raise_exception('Unknown role ' ~ message['role'] ~ '; use system, user or assistant') }}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -71,18 +80,65 @@ CHATML_TEMPLATE = (  # ChatML, the format of SmolLM2, Qwen2 and others (without 
 
 def _checked_image(image):
     """An in-memory image ready for the image processor: PIL images fully read (a truncated file fails here, by
-    name), 2-D (grayscale) arrays given 3 channels; empty images refused."""
-    if hasattr(image, "load"):  # PIL reads lazily
+    name), 16-bit and float images brought to the 0-255 scale the processor rescales from (`_pixels`), 2-D
+    (grayscale) arrays given 3 channels; empty images refused."""
+    if isinstance(image, Image.Image):  # PIL reads lazily
         image.load()
-        size = image.size
-    else:  # arrays and tensors go on as they are, but for a missing channel axis
-        shape = tuple(np.shape(image))
-        size = shape[:2] if len(shape) == 3 and shape[-1] in (1, 3, 4) else shape[-2:]
-        if len(shape) == 2:
-            image = np.repeat(np.asarray(image)[..., None], 3, axis=-1)
+        if 0 in image.size:
+            raise ValueError(f"the image is empty (size {image.size})")
+        if image.mode in ("I;16", "I;16L", "I;16B", "I", "F"):  # 16-bit PNGs, 32-bit integer or float images
+            image = np.asarray(image)
+        else:
+            return image
+    image = _pixels(_as_array(image))
+    shape = image.shape
+    size = shape[:2] if len(shape) == 3 and shape[-1] in (1, 3, 4) else shape[-2:]
     if 0 in size:
         raise ValueError(f"the image is empty (size {tuple(size)})")
+    if len(shape) == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
     return image
+
+
+def _pixels(values: np.ndarray) -> np.ndarray:
+    """Image or frame values on the 0-255 scale of 8-bit images, which the image and video processors rescale by
+    1/255: uint8 as it is, uint16 divided by 257 (65535 -> 255), other integers when they lie in 0-255, floats read
+    as 0-1 and multiplied by 255. Anything else is refused rather than guessed."""
+    if np.iscomplexobj(values) or values.dtype == bool:
+        raise TypeError(f"{values.dtype} pixel values; give uint8 (0-255), uint16 (0-65535) or float (0-1) values.")
+    if values.dtype == np.uint8 or values.size == 0:
+        return values
+    if values.dtype == np.uint16:
+        return values.astype(np.float32) / 257
+    low, high = values.min(), values.max()
+    if np.issubdtype(values.dtype, np.integer):
+        if low < 0 or high > 255:
+            raise ValueError(f"{values.dtype} pixel values span {low}..{high}; integer images are read as 0-255 (or "
+                             "uint16 for 0-65535): cast or rescale them to one of those.")
+        return values.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise ValueError("the pixel values hold NaN or infinite values.")
+    if low < 0 or high > 1:
+        raise ValueError(f"float pixel values span {low:g}..{high:g}; float images are read as 0-1: divide 0-255 "
+                         "values by 255 (or pass them as uint8).")
+    return values.astype(np.float32) * 255
+
+
+def _pcm(values: np.ndarray) -> np.ndarray:
+    """A waveform as float32 in [-1, 1]: integer PCM scaled by its type's range (int16 by 32768, uint8 about 128),
+    floats as they are; float samples far outside [-1, 1] (integer PCM stored as floats) are refused."""
+    if np.iscomplexobj(values) or values.dtype == bool:
+        raise TypeError(f"{values.dtype} samples; give float samples in [-1, 1] or integer PCM.")
+    if np.issubdtype(values.dtype, np.integer):
+        info = np.iinfo(values.dtype)
+        half = (int(info.max) - int(info.min) + 1) / 2
+        return ((values.astype(np.float64) - (int(info.min) + half)) / half).astype(np.float32)
+    values = values.astype(np.float32)
+    peak = float(np.abs(values).max()) if values.size and np.isfinite(values).all() else 0.0
+    if peak > 2:  # decoders overshoot 1 a little; this far out, the samples are on another scale
+        raise ValueError(f"float samples reach {peak:g}; float audio is read in [-1, 1]: divide 16-bit PCM stored as "
+                         "floats by 32768 (or pass the int16 array as it is).")
+    return values
 
 
 class EncoderFeatures:
@@ -98,6 +154,9 @@ def _is_item(name: str, value) -> bool:
         return True
     if isinstance(value, dict):
         return name in ("audio", "imu")  # {"array"|"path", "sampling_rate"}, as datasets' Audio column gives
+    if name == "audio" and isinstance(value, (list, tuple)) and value and all(
+            isinstance(sample, numbers.Real) and not isinstance(sample, bool) for sample in value):
+        return True  # a waveform as a Python list of samples
     if hasattr(value, "ndim"):  # numpy arrays and torch tensors
         return value.ndim in ITEM_NDIM[name]
     return name == "image" and hasattr(value, "convert")  # PIL images
@@ -229,6 +288,10 @@ class AnyMALProcessor(ProcessorMixin):
             return []
         if _is_item(name, items):
             items = [items]
+        elif hasattr(items, "ndim") and items.ndim != max(ITEM_NDIM[name]) + 1:
+            dims = " or ".join(f"{ndim}-D" for ndim in ITEM_NDIM[name])
+            raise ValueError(f"{argument}: an array of shape {tuple(items.shape)} is neither one {name} ({dims}) nor "
+                             f"a stack of them ({max(ITEM_NDIM[name]) + 1}-D); see AnyMALProcessor.__call__.")
         per_sample = all(isinstance(item, (list, tuple)) and not _is_item(name, item) for item in items)
         if per_sample:  # one list per sample
             if len(items) != len(counts):
@@ -250,6 +313,10 @@ class AnyMALProcessor(ProcessorMixin):
                 raise TypeError(
                     f"{name} {index}: {type(item).__name__} is not a {name} input; see AnyMALProcessor.__call__."
                 )
+            values = item.get("array") if isinstance(item, dict) else item
+            if np.iscomplexobj(values) if hasattr(values, "dtype") else False:
+                raise TypeError(f"{name} {index}: complex values; give the real signal (np.real, or np.abs for "
+                                "magnitudes).")
         return list(items)
 
     def _process(self, name: str, items: list, **options):
@@ -261,7 +328,8 @@ class AnyMALProcessor(ProcessorMixin):
             for index, item in enumerate(items):
                 if hasattr(item, "ndim") and len(item) == 0:
                     raise ValueError(f"video {index}: the clip has no frames.")
-            videos = [_as_array(item) if hasattr(item, "ndim") else os.fspath(item) for item in items]
+            videos = [self._load(name, index, _pixels, _as_array(item)) if hasattr(item, "ndim") else os.fspath(item)
+                      for index, item in enumerate(items)]
             try:
                 return self.video_processor(videos, return_tensors="pt", **options)["pixel_values_videos"]
             except Exception as error:
@@ -278,9 +346,14 @@ class AnyMALProcessor(ProcessorMixin):
     def _load(name: str, index: int, loader, *args):
         try:
             return loader(*args)
+        except TypeError as error:
+            raise TypeError(f"{name} {index}: {error}") from error
         except Exception as error:
-            source = args[0] if isinstance(args[0], (str, os.PathLike)) else type(args[0]).__name__
-            raise ValueError(f"{name} {index}: cannot read {source!r}: {error}") from error
+            source = args[0]
+            if isinstance(source, (str, os.PathLike, Image.Image)):  # a file, or a lazily read one
+                where = source if isinstance(source, (str, os.PathLike)) else type(source).__name__
+                raise ValueError(f"{name} {index}: cannot read {where!r}: {error}") from error
+            raise ValueError(f"{name} {index}: {error}") from error
 
     def _waveform(self, item, sampling_rate: int | None) -> np.ndarray:
         """Mono float32 waveform at the feature extractor's rate, from a path or URL, a dict or an array."""
@@ -290,7 +363,7 @@ class AnyMALProcessor(ProcessorMixin):
             item = item["array"] if "array" in item else item["path"]
         if isinstance(item, (str, os.PathLike)):  # decoded, downmixed and resampled by transformers
             item, sampling_rate = load_audio(os.fspath(item), sampling_rate=target_rate), target_rate
-        waveform = _as_array(item).astype(np.float32)
+        waveform = _pcm(_as_array(item))
         if sampling_rate is None:
             raise ValueError(f"no sampling rate: pass sampling_rate=<Hz> (the feature extractor takes {target_rate} Hz "
                              f"and resamples from it)")
@@ -302,6 +375,17 @@ class AnyMALProcessor(ProcessorMixin):
             import soxr
 
             waveform = soxr.resample(waveform, sampling_rate, target_rate).astype(np.float32)
+        window = getattr(self.feature_extractor, "fft_window_size", 1)
+        if len(waveform) < window:
+            raise ValueError(f"{len(waveform)} samples at {target_rate} Hz are shorter than one analysis window "
+                             f"({window} samples, {1000 * window / target_rate:g} ms); give a longer clip.")
+        longest = getattr(self.feature_extractor, "nb_max_samples", None)
+        if getattr(self.feature_extractor, "truncation", None) == "rand_trunc" and len(waveform) > longest:
+            # the feature extractor would take a random window; the middle one is the same on every call
+            logger.warning_once(f"Audio of {len(waveform) / target_rate:g} s is longer than the encoder's "
+                                f"{longest / target_rate:g} s window; keeping its middle.")
+            start = (len(waveform) - longest) // 2
+            waveform = waveform[start : start + longest]
         return waveform
 
     def _expand_placeholders(self, texts: list[str]) -> tuple[list[str], list[list[dict]]]:
@@ -327,7 +411,10 @@ class AnyMALProcessor(ProcessorMixin):
     def apply_chat_template(self, conversation, *args, **kwargs):
         if isinstance(conversation, (list, tuple)) and not conversation:  # transformers would fail on an index
             raise ValueError("apply_chat_template got no messages; give a chat (a list of messages) or a list of chats.")
-        return super().apply_chat_template(conversation, *args, **kwargs)
+        try:
+            return super().apply_chat_template(conversation, *args, **kwargs)
+        except jinja2.TemplateError as error:  # raise_exception(...) in the template: a chat it cannot render
+            raise ValueError(f"The chat template cannot render this chat: {error}") from error
 
     def _multimodal_inputs_from_conversations(self, conversations, audio_loading_params, load_audio_from_video=False):
         """Collects every modality's items from chat content blocks, one list per conversation."""
@@ -346,6 +433,7 @@ class AnyMALProcessor(ProcessorMixin):
                     raise ValueError(f"conversation {conversation_index}, message {message_index}: no `content` (or "
                                      "None); give a string or a list of content blocks.")
                 if isinstance(content, str):
+                    self._refuse_placeholders(content, f"conversation {conversation_index}, message {message_index}")
                     continue
                 for block_index, block in enumerate(content):
                     where = f"conversation {conversation_index}, message {message_index}, block {block_index}"
@@ -357,6 +445,7 @@ class AnyMALProcessor(ProcessorMixin):
                         if not isinstance(block.get("text"), str):
                             raise ValueError(f"{where}: a text block needs a string 'text', got "
                                              f"{type(block.get('text')).__name__}.")
+                        self._refuse_placeholders(block["text"], where)
                         continue
                     if block_type not in ARGUMENTS:
                         raise ValueError(
@@ -381,6 +470,15 @@ class AnyMALProcessor(ProcessorMixin):
                   for index, item in enumerate(sample)] for sample in collected["audio"]]
         imu = collected["imu"] if any(collected["imu"]) else None
         return collected["image"], collected["video"], audio if any(audio) else [], {"imu": imu}
+
+    @staticmethod
+    def _refuse_placeholders(text: str, where: str):
+        """In a chat, only media blocks make media slots: a placeholder typed in the text would take an item's place."""
+        typed = [MODALITIES[name].token for name in ARGUMENTS if MODALITIES[name].token in text]
+        if typed:
+            raise ValueError(f"{where}: the text holds {typed[0]}, the placeholder of a media slot, which text cannot "
+                             f"make; give the item as a {{'type': '{typed[0][1:-1]}', ...}} block, or write the text "
+                             "another way.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
