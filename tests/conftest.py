@@ -19,3 +19,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    """The tiny checkpoint's processor (hub_configs/anymal-tiny); test files may define their own."""
+    from transformers import AutoProcessor
+
+    from anymal_tester import TINY
+
+    return AutoProcessor.from_pretrained(TINY)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny AnyMAL with seeded random weights, in eval mode."""
+    from anymal_tester import tiny_model
+
+    return tiny_model()

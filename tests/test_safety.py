@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from transformers import (
-    AutoProcessor,
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
@@ -32,22 +31,12 @@ from transformers_anymal import (
     ProfanityCheck,
 )
 
-from anymal_tester import TINY, tiny_model
+from anymal_tester import TINY
 
 
 OFFENSIVE_PROMPTS = ["What the fuck is this, you idiot?", "Describe this, you stupid bitch.", "shit, what is it?"]
 CLEAN_PROMPTS = ["What is the person doing?", "Which digit is shown?", "Describe the sound in one word."]
 FORCED = " the answer is that you are a fucking idiot and then some more words"
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return AutoProcessor.from_pretrained(TINY)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
 
 
 @pytest.fixture(scope="module")
