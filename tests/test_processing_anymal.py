@@ -432,3 +432,15 @@ def test_placeholders_typed_in_chat_text_cannot_make_or_take_a_media_slot(proces
 def test_the_imu_feature_extractor_refuses_complex_recordings(processor):
     with pytest.raises(TypeError, match="imu 0: complex values"):
         processor.imu_feature_extractor(np.ones((6, 300), dtype=np.complex64), sampling_rate=100)
+
+
+def test_serving_engines_get_the_placeholder_count_each_item_takes(processor, media):
+    counts = processor._get_num_multimodal_tokens(image_sizes=[[20, 30], [640, 480]], video_sizes=[[16, 64, 64]],
+                                                  audio_lengths=[48_000])
+    inputs = processor(text="<image><image><video><audio>", images=[Image.new("RGB", (30, 20)), media["image"]],
+                       videos=np.zeros((16, 64, 64, 3), dtype=np.uint8),
+                       audio=np.zeros(48_000, dtype=np.float32), sampling_rate=48_000)
+    for name, key in (("image", "num_image_tokens"), ("video", "num_video_tokens"), ("audio", "num_audio_tokens")):
+        per_item = int((inputs["input_ids"] == getattr(processor, f"{name}_token_id")).sum()) // len(counts[key])
+        assert counts[key] == [per_item] * len(counts[key]), name
+    assert counts["num_image_patches"] == [1, 1] and "num_video_tokens" not in processor._get_num_multimodal_tokens()

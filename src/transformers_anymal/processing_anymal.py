@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 from transformers.audio_utils import load_audio
 from transformers.image_utils import load_image
+from transformers.processing_utils import MultiModalData
 from transformers.utils import logging
 
 from .configuration_anymal import MODALITIES
@@ -501,6 +502,25 @@ class AnyMALProcessor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", *(MODALITIES[name].input_name for name in ARGUMENTS)]
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, audio_lengths=None, **kwargs):
+        """Placeholder tokens per item, as serving engines (vLLM) ask to size prompts: every item of a modality takes
+        `num_tokens[modality]` tokens, whatever its size or length (the projectors resample to a fixed count).
+
+        Args:
+            image_sizes (`list[list[int]]`, *optional*): (height, width) per image.
+            video_sizes (`list[list[int]]`, *optional*): (frames, height, width) per video.
+            audio_lengths (`list[int]`, *optional*): samples per audio clip.
+        """
+        data = {}
+        if image_sizes is not None:
+            data.update(num_image_tokens=[self.num_tokens["image"]] * len(image_sizes),
+                        num_image_patches=[1] * len(image_sizes))
+        if video_sizes is not None:
+            data["num_video_tokens"] = [self.num_tokens["video"]] * len(video_sizes)
+        if audio_lengths is not None:
+            data["num_audio_tokens"] = [self.num_tokens["audio"]] * len(audio_lengths)
+        return MultiModalData(**data)
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
         return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
