@@ -444,3 +444,13 @@ def test_serving_engines_get_the_placeholder_count_each_item_takes(processor, me
         per_item = int((inputs["input_ids"] == getattr(processor, f"{name}_token_id")).sum()) // len(counts[key])
         assert counts[key] == [per_item] * len(counts[key]), name
     assert counts["num_image_patches"] == [1, 1] and "num_video_tokens" not in processor._get_num_multimodal_tokens()
+
+
+def test_saving_leaves_the_processor_as_it_was(tmp_path):
+    processor = AutoProcessor.from_pretrained(TINY)
+    before = processor.to_dict()
+    processor.save_pretrained(tmp_path)
+    assert processor.to_dict() == before
+    saved = AutoProcessor.from_pretrained(tmp_path)  # the files still carry the auto_map for trust_remote_code
+    assert (tmp_path / "processor_config.json").read_text().count('"AutoProcessor"') >= 1
+    assert saved.num_tokens == processor.num_tokens

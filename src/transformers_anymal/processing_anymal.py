@@ -142,6 +142,9 @@ def _pcm(values: np.ndarray) -> np.ndarray:
     return values
 
 
+_ABSENT = object()  # an attribute that was not set
+
+
 class EncoderFeatures:
     """An item whose frozen-encoder features were computed earlier (feature caching): the processor expands its
     placeholder as for raw media and hands the features to the model as `encoder_features`."""
@@ -492,6 +495,20 @@ class AnyMALProcessor(ProcessorMixin):
                 f"processor.save_pretrained(...) next to the model, or build the checkpoint with "
                 f"examples/build_anymal.py. ({error})"
             ) from error
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As [`ProcessorMixin.save_pretrained`]; the `auto_map` written for `trust_remote_code` goes into the saved
+        files only, not into this processor and its sub-processors (whose `to_dict()` stays as it was)."""
+        parts = [self, *(value for value in vars(self).values() if hasattr(value, "save_pretrained"))]
+        before = [(part, part.__dict__.get("auto_map", _ABSENT)) for part in parts]
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            for part, auto_map in before:
+                if auto_map is _ABSENT:
+                    part.__dict__.pop("auto_map", None)
+                else:
+                    part.auto_map = auto_map
 
     @staticmethod
     def get_possibly_dynamic_module(module_name):
