@@ -378,6 +378,9 @@ def test_16_bit_and_float_images_mean_what_8_bit_ones_do(processor, tmp_path):
         assert png.mode.startswith("I")
         from_png = processor(text="<image>", images=png)["pixel_values"]
     assert torch.allclose(from_png, processor(text="<image>", images=gray)["pixel_values"], atol=1e-5)
+    as_32_bit = Image.fromarray(gray.astype(np.int32) * 257)  # how PIL reads some 16-bit files: mode "I"
+    assert as_32_bit.mode == "I"
+    assert torch.allclose(processor(text="<image>", images=as_32_bit)["pixel_values"], from_png, atol=1e-5)
 
 
 @pytest.mark.parametrize("image, error, message", [

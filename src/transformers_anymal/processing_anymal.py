@@ -87,10 +87,11 @@ def _checked_image(image):
         image.load()
         if 0 in image.size:
             raise ValueError(f"the image is empty (size {image.size})")
-        if image.mode in ("I;16", "I;16L", "I;16B", "I", "F"):  # 16-bit PNGs, 32-bit integer or float images
-            image = np.asarray(image)
-        else:
+        if image.mode not in ("I;16", "I;16L", "I;16B", "I", "F"):
             return image
+        image = np.asarray(image)  # 16-bit PNGs (PIL reads them as "I;16" or as 32-bit "I"), or float images
+        if image.dtype.kind == "i" and image.size and 0 <= image.min() and image.max() <= 65535:
+            image = image.astype(np.uint16)
     image = _pixels(_as_array(image))
     shape = image.shape
     size = shape[:2] if len(shape) == 3 and shape[-1] in (1, 3, 4) else shape[-2:]
