@@ -119,6 +119,9 @@ def test_an_offensive_prompt_is_refused_with_its_reason_and_nothing_is_generated
     assert "input text check" in result["safety"]["reason"]
     full = pipe(chat(OFFENSIVE_PROMPTS[0]), max_new_tokens=6)[0]["generated_text"]  # the chat form of any-to-any
     assert full[-1] == {"role": "assistant", "content": offline.refusal}
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, timeout=60)
+    pipe(chat(OFFENSIVE_PROMPTS[0]), max_new_tokens=6, streamer=streamer)
+    assert "".join(streamer) == ""  # the stream ends, empty, rather than leaving its reader waiting
 
 
 def test_one_blocked_chat_does_not_block_its_batch_neighbours(model, processor, offline):

@@ -145,7 +145,8 @@ class AnyToTextPipeline(AnyToAnyPipeline):
         results = []
         for index, (prompt, chat, verdict) in enumerate(zip(prompts, chats, verdicts)):
             if verdict is not None:
-                results.append([_refused(prompt, checker.refusal, verdict, form, self.tokenizer)] * form["sequences"])
+                results.append([_refused(prompt, checker.refusal, verdict, form, self.tokenizer)
+                                for _ in range(form["sequences"])])
                 continue
             for record in outputs[index]:
                 record.setdefault("safety", None)
@@ -158,6 +159,8 @@ class AnyToTextPipeline(AnyToAnyPipeline):
             results.append(outputs[index])
         if held is not None:  # the answer is shown once the association check passed it
             held.replay(passed=not any(record["safety"] for records in results for record in records))
+        elif not allowed and (streamer := kwargs.get("streamer", (kwargs.get("generate_kwargs") or {}).get("streamer"))):
+            streamer.end()  # nothing was generated: a reader of the streamer must not wait for it
         if single:
             return results[0]
         return results if media_per_prompt is None else [record for records in results for record in records]
