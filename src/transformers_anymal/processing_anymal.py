@@ -319,7 +319,7 @@ class AnyMALProcessor(ProcessorMixin):
                     f"{name} {index}: {type(item).__name__} is not a {name} input; see AnyMALProcessor.__call__."
                 )
             values = item.get("array") if isinstance(item, dict) else item
-            if np.iscomplexobj(values) if hasattr(values, "dtype") else False:
+            if hasattr(values, "dtype") and np.iscomplexobj(values):
                 raise TypeError(f"{name} {index}: complex values; give the real signal (np.real, or np.abs for "
                                 "magnitudes).")
         return list(items)
