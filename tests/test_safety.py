@@ -189,6 +189,25 @@ def test_the_pipeline_cuts_an_offensive_answer_and_leaves_its_batch_neighbour_al
     assert results[1][0]["generated_text"] == expected[1][0]["generated_text"] and results[1][0]["safety"] is None
 
 
+def test_no_fragment_of_a_flagged_word_is_ever_streamed(model, processor):
+    tokenizer = processor.tokenizer
+    forced = tokenizer(FORCED, add_special_tokens=False).input_ids
+    full = tokenizer.decode(forced, skip_special_tokens=True)
+    assert len(tokenizer(" fucking", add_special_tokens=False).input_ids) > 1  # the word takes several tokens
+    checker = AnyMALSafetyChecker(output_text=lambda text: float("fuck" in text), check_every=1)  # every token
+    inputs = processor.apply_chat_template(chat("Which digit?"), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    guard = checker.output_guard(tokenizer, inputs["input_ids"].shape[1], streamer)
+    pieces = []
+    reader = threading.Thread(target=pieces.extend, args=(streamer,))
+    reader.start()
+    guard.finish(model.generate(**inputs, max_new_tokens=len(forced), do_sample=False, stopping_criteria=[guard],
+                                logits_processor=[ForceTokens(forced)], streamer=guard.streamer))
+    reader.join()
+    assert "".join(pieces) == full[: full.index(" fucking")]  # " f", " fu", ... never shown
+
+
 def test_a_streaming_pipeline_shows_only_checked_text(model, processor, offline):
     forced = processor.tokenizer(FORCED, add_special_tokens=False).input_ids
     checked = pipeline("any-to-text", model=model, processor=processor, safety_checker=offline)
@@ -419,3 +438,12 @@ def test_with_an_association_check_a_streamer_gets_the_answer_only_once_it_passe
     assert text == "" and result["safety"]["check"] == "association"  # nothing of the flagged answer was shown
     text, result = streamed["blue"]
     assert result["safety"] is None and text and text == result["generated_text"]
+
+
+def test_the_image_check_sees_arrays_as_the_processor_reads_them():
+    seen = []
+    checker = AnyMALSafetyChecker(input_image=lambda image: seen.append(np.asarray(image)) or 0.0)
+    eight = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    for image in (eight, eight.astype(np.uint16) * 257, eight.astype(np.float32) / 255, Image.fromarray(eight)):
+        checker.check_input(chat("What is it?", image))
+    assert all(np.array_equal(pixels, eight) for pixels in seen) and len(seen) == 4

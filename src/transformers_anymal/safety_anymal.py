@@ -14,6 +14,7 @@ with an association check, the answer to a chat with images only after it, so un
 result of a checked call carries `safety`: None, or which check tripped, with its score.
 """
 
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.image_transforms import to_pil_image
 from transformers.image_utils import load_image
 
-from .processing_anymal import EncoderFeatures
+from .processing_anymal import EncoderFeatures, _checked_image
 
 
 CHECKS = ("input_text", "input_image", "output_text", "association")
@@ -253,6 +254,7 @@ class OutputGuard(StoppingCriteria):
         self.verdicts: list[SafetyVerdict | None] = []
         self.passed: list[int] = []  # per row: how many generated tokens passed a check
         self.checked = 0  # generated tokens at the last check
+        self.finished = False  # `finish` has checked every token: unflagged rows may be shown whole
         self.sequences = None
         self.streamer = _HeldBackStreamer(self, streamer) if streamer is not None else None
 
@@ -275,6 +277,7 @@ class OutputGuard(StoppingCriteria):
         if len(sequences) != len(self.verdicts):  # beam search returns other rows than it checked: judge the results
             self.verdicts, self.passed = [None] * len(sequences), [0] * len(sequences)
         self._check(sequences)
+        self.finished = True
         sequences = sequences.clone()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         for row, verdict in enumerate(self.verdicts):
@@ -283,10 +286,10 @@ class OutputGuard(StoppingCriteria):
         return sequences
 
     def kept(self, row: int, sequences: torch.LongTensor) -> int:
-        """How many generated tokens of `row` may be shown: all of them once the row has ended unflagged, else those
-        that passed a check up to the last word boundary (so no fragment of a flagged word gets out)."""
+        """How many generated tokens of `row` may be shown: all of them once `finish` passed the row, else those that
+        passed a check up to the last word boundary (a word may go on, or turn out flagged, in the next tokens)."""
         answer = sequences[row, self.prompt_length:].tolist()
-        if self.verdicts[row] is None and self.passed[row] == len(answer):
+        if self.finished and self.verdicts[row] is None:
             return len(answer)
         end = self.passed[row]
         while end > 0 and not self._starts_word(answer, end):
@@ -316,13 +319,14 @@ class _HeldBackStreamer(BaseStreamer):
 
     def __init__(self, guard: OutputGuard, streamer: BaseStreamer):
         self.guard, self.streamer, self.released, self.prompt_seen = guard, streamer, 0, False
+        self.seen_passed = 0  # the guard's passed count at the last release
 
     def put(self, value):
         if not self.prompt_seen:  # generate() first puts the prompt
             self.prompt_seen = True
             self.streamer.put(value)
-            return
-        self._release()
+        elif self.guard.passed and self.guard.passed[0] > self.seen_passed:  # a check passed more tokens
+            self._release()
 
     def end(self):
         self.guard.finish()
@@ -333,6 +337,7 @@ class _HeldBackStreamer(BaseStreamer):
         guard = self.guard
         if guard.sequences is None or not guard.passed:
             return
+        self.seen_passed = guard.passed[0]
         kept = guard.kept(0, guard.sequences)
         if kept > self.released:
             start = guard.prompt_length + self.released
@@ -407,12 +412,10 @@ def _as_pil(block: dict) -> Image.Image:
     if isinstance(value, EncoderFeatures):
         raise TypeError("The input_image check needs the images, not their cached encoder features: check the images "
                         "before caching, or leave input_image unset for cached rows.")
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        array = value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
-        return to_pil_image(array[..., None].repeat(3, -1) if array.ndim == 2 else array)
-    return load_image(str(value))
+    if isinstance(value, (str, os.PathLike)):
+        return load_image(os.fspath(value))  # a path, URL or base64 string, as the processor reads it
+    image = _checked_image(value)  # arrays and 16-bit or float images on the 0-255 scale, as the processor reads them
+    return image if isinstance(image, Image.Image) else to_pil_image(np.rint(image).astype(np.uint8))
 
 
 __all__ = ["AnyMALSafetyChecker", "ClassifierCheck", "GuardModelCheck", "NudeNetCheck", "OutputGuard",
