@@ -86,6 +86,9 @@ class AnyToTextPipeline(AnyToAnyPipeline):
                                                                 for chat in text)):
             raise ValueError("The pipeline got an empty chat; give a chat (a list of messages), a list of chats or "
                              "a text.")
+        generate_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in GENERATE_ARGUMENTS}
+        if generate_kwargs:  # do_sample=True, num_beams=2, streamer=... next to max_new_tokens
+            kwargs["generate_kwargs"] = {**kwargs.get("generate_kwargs", {}), **generate_kwargs}
         if self.safety_checker is not None:
             return self._checked_call(text, {"images": images, "videos": videos, "audio": audio, "imu": imu}, kwargs)
         return self._generate(text, images, videos, audio, imu, **kwargs)
@@ -93,9 +96,6 @@ class AnyToTextPipeline(AnyToAnyPipeline):
     def _generate(self, text=None, images=None, videos=None, audio=None, imu=None, **kwargs):
         if imu is not None:  # reaches the processor through the preprocessing kwargs
             kwargs["imu"] = imu
-        generate_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in GENERATE_ARGUMENTS}
-        if generate_kwargs:  # do_sample=True, num_beams=2, streamer=... next to max_new_tokens
-            kwargs["generate_kwargs"] = {**kwargs.get("generate_kwargs", {}), **generate_kwargs}
         if isinstance(text, (list, tuple)) and text and all(_is_chat(chat) for chat in text):
             batch_size = kwargs.pop("batch_size", None) or len(text)
             outputs = []
@@ -126,7 +126,8 @@ class AnyToTextPipeline(AnyToAnyPipeline):
         else:
             raise ValueError("With a safety_checker, give a chat, a list of chats, or `text` (with keyword media) "
                              f"to the pipeline, not {type(text).__name__}.")
-        held = self._hold_stream_for_association(chats, kwargs)
+        streamer = kwargs.get("generate_kwargs", {}).get("streamer")
+        held = self._hold_stream_for_association(chats, streamer, kwargs)
 
         verdicts = [checker.check_input(chat) for chat in chats]
         allowed = [index for index, verdict in enumerate(verdicts) if verdict is None]
@@ -150,42 +151,36 @@ class AnyToTextPipeline(AnyToAnyPipeline):
                 continue
             for record in outputs[index]:
                 record.setdefault("safety", None)
-                answer = _answer(record)
+                answer = _answer(record, form)
                 if record["safety"] is None and answer is not None:
                     association = checker.check_association(chat, answer)
                     if association is not None:
-                        _set_answer(record, checker.refusal)
+                        _set_answer(record, checker.refusal, form)
                         record["safety"] = association.to_dict()
             results.append(outputs[index])
         if held is not None:  # the answer is shown once the association check passed it
             held.replay(passed=not any(record["safety"] for records in results for record in records))
-        elif not allowed and (streamer := kwargs.get("streamer", (kwargs.get("generate_kwargs") or {}).get("streamer"))):
+        elif not allowed and streamer is not None:
             streamer.end()  # nothing was generated: a reader of the streamer must not wait for it
         if single:
             return results[0]
         return results if media_per_prompt is None else [record for records in results for record in records]
 
-    def _hold_stream_for_association(self, chats: list, kwargs: dict):
+    def _hold_stream_for_association(self, chats: list, streamer, kwargs: dict):
         """With an association check on a chat with images, a streamer gets the answer only after that check."""
-        options = kwargs.get("generate_kwargs") or {}
-        streamer = kwargs.get("streamer", options.get("streamer"))
         if streamer is None or "association" not in self.safety_checker.checks or not any(map(has_images, chats)):
             return None
         held = _HeldStream(streamer)
-        if "streamer" in kwargs:
-            kwargs["streamer"] = held
-        else:
-            kwargs["generate_kwargs"] = {**options, "streamer": held}
+        kwargs["generate_kwargs"] = {**kwargs["generate_kwargs"], "streamer": held}
         return held
 
     def _output_form(self, kwargs: dict) -> dict:
         """What the outputs of this call look like, so that refusals look the same."""
         call = {key: kwargs[key] for key in ("return_full_text", "return_tensors", "return_type") if key in kwargs}
         return_type = {**self._postprocess_params, **self._sanitize_parameters(**call)[2]}.get("return_type")
-        options = kwargs.get("generate_kwargs") or {}
-        sequences = kwargs.get("num_return_sequences", options.get("num_return_sequences"))
-        return {"return_type": return_type, "sequences": sequences or self.model.generation_config.num_return_sequences
-                or 1}
+        sequences = (kwargs.get("generate_kwargs", {}).get("num_return_sequences")
+                     or self.model.generation_config.num_return_sequences or 1)
+        return {"return_type": return_type, "sequences": sequences}
 
     def _media_per_text(self, texts: list[str], media: dict) -> list[dict]:
         """Keyword media split by text: checked against each text's placeholders as the processor checks them."""
@@ -264,24 +259,24 @@ class AnyToTextPipeline(AnyToAnyPipeline):
         return records
 
 
-def _answer(record: dict) -> str | None:
+def _prompt_before_answer(record: dict, form: dict) -> str:
+    """What a text output holds before its answer: the prompt, when this call returns full texts."""
+    return record["input_text"] if form["return_type"] == ReturnType.FULL_TEXT else ""
+
+
+def _answer(record: dict, form: dict) -> str | None:
+    """The answer of an output (None for token ids, or content blocks)."""
     generated = record.get("generated_text")
-    if isinstance(generated, list):
+    if isinstance(generated, list):  # a chat ending in the answer
         return generated[-1]["content"] if isinstance(generated[-1].get("content"), str) else None
-    prompt = record.get("input_text")
-    if isinstance(generated, str) and isinstance(prompt, str) and generated.startswith(prompt):
-        return generated[len(prompt):]
-    return generated if isinstance(generated, str) else None
+    return generated[len(_prompt_before_answer(record, form)):] if isinstance(generated, str) else None
 
 
-def _set_answer(record: dict, answer: str):
-    generated = record["generated_text"]
-    if isinstance(generated, list):
-        generated[-1]["content"] = answer
-    elif isinstance(record.get("input_text"), str) and generated.startswith(record["input_text"]):
-        record["generated_text"] = record["input_text"] + answer
+def _set_answer(record: dict, answer: str, form: dict):
+    if isinstance(record["generated_text"], list):
+        record["generated_text"][-1]["content"] = answer
     else:
-        record["generated_text"] = answer
+        record["generated_text"] = _prompt_before_answer(record, form) + answer
 
 
 def _refused(prompt, refusal: str, verdict, form: dict, tokenizer) -> dict:
