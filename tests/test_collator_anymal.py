@@ -68,6 +68,9 @@ def test_rows_whose_media_and_blocks_disagree(collator, row, message):
     ([{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}], r"row 0, message 0: a message is a dict"),
     ([{"messages": [{"role": "user", "content": ["hello"]}, {"role": "assistant", "content": "x"}]}],
      r"row 0, message 0, block 0: a content block is a dict"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+      {"messages": [{"role": "tool", "content": "hi"}, {"role": "assistant", "content": "x"}]}],
+     r"conversation 1, message 0: role 'tool'.* \(in a batch of 2 rows: conversation N is row N\)"),
 ])
 def test_malformed_rows_are_named(collator, rows, message):
     with pytest.raises((ValueError, TypeError), match=message):

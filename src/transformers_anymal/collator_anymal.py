@@ -1,7 +1,6 @@
 """AnyMALDataCollator: chat rows with media of any modality in, padded model inputs with answer-only labels out."""
 
 import io
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,9 +50,8 @@ class AnyMALDataCollator:
                 chats, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt",
                 processor_kwargs={"padding_side": self.padding_side},
             )
-        except (ValueError, TypeError) as error:  # the processor counts conversations (and items) in the batch
-            message = re.sub(r"^(?:conversation|text) (\d+)", r"row \1", str(error))
-            raise type(error)(message if message != str(error) else f"a row of the batch: {error}") from error
+        except (ValueError, TypeError) as error:  # the processor numbers the batch's rows as its conversations
+            raise type(error)(f"{error} (in a batch of {len(rows)} rows: conversation N is row N)") from error
         answers = batch.pop("assistant_masks").bool() & batch["attention_mask"].bool()
         for name in ARGUMENTS:  # a media block inside an answer is input, not something to predict
             answers &= batch["input_ids"] != getattr(self.processor, f"{name}_token_id")
