@@ -73,10 +73,8 @@ def feature_type(name: str, dtype: str):
 
     from transformers_anymal import MODALITIES
 
-    spec = MODALITIES[name]
-    depth = 1 + (spec.projector == "perceiver") + spec.has_frames
     feature = Value(dtype)
-    for _ in range(depth + 1):
+    for _ in range(MODALITIES[name].feature_rank + 1):  # one list per item dimension, and the list of items
         feature = List(feature)
     return feature
 

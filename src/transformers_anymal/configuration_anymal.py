@@ -28,6 +28,13 @@ class ModalitySpec:
     has_frames: bool = False  # items are stacks of frames: (frames, *item_shape[1:]), with a temporal embedding
     shares_encoder_with: str | None = None  # without its own `<name>_config`, reuse this modality's encoder
 
+    @property
+    def feature_rank(self) -> int:
+        """Dimensions of one item's encoder features (what `AnyMALModel.encode` gives per item, and cached
+        `encoder_features` hold): a vector for a linear projector, a sequence of them for a Perceiver one, and one
+        such per frame for items with frames."""
+        return 1 + (self.projector == "perceiver") + self.has_frames
+
 
 MODALITIES: dict[str, ModalitySpec] = {
     "image": ModalitySpec("<image>", "pixel_values", "clip_vision_model", "perceiver",

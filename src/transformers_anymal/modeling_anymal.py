@@ -407,8 +407,7 @@ class AnyMALModel(AnyMALPreTrainedModel):
 
     def _check_encoder_features(self, name: str, features: torch.Tensor):
         spec, width = MODALITIES[name], self.config.get_encoder_config(name).hidden_size
-        ndim = 2 + (spec.projector == "perceiver") + spec.has_frames  # (items, [frames,] [sequence,] width)
-        if not isinstance(features, torch.Tensor) or features.ndim != ndim or features.shape[-1] != width:
+        if not isinstance(features, torch.Tensor) or features.ndim != 1 + spec.feature_rank or features.shape[-1] != width:
             shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
             layout = "(items, " + "frames, " * spec.has_frames + "sequence, " * (spec.projector == "perceiver")
             raise ValueError(
