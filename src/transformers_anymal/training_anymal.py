@@ -13,6 +13,7 @@ from datasets import load_dataset, load_from_disk
 from peft import LNTuningConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForMultimodalLM, AutoProcessor
+from transformers.trainer_utils import sort_checkpoints
 from transformers.utils import logging
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
@@ -124,8 +125,7 @@ def resume_checkpoint(output_dir: str, resume: str | bool | None, without_optimi
     if resume in (None, False, "", "False", "false"):
         return None
     if resume in (True, "last", "True", "true"):
-        folders = sorted((path for path in Path(output_dir).glob("checkpoint-*") if path.name[11:].isdigit()),
-                         key=lambda path: int(path.name[11:]), reverse=True)
+        folders = [Path(folder) for folder in reversed(sort_checkpoints(output_dir))]  # the newest first
         complete = next((folder for folder in folders if (folder / TRAINER_STATE).is_file()), None)
         for folder in folders[: folders.index(complete) if complete else None]:
             logger.warning(f"Skipping {folder}: it has no {TRAINER_STATE}, which the Trainer writes last, so the run "
