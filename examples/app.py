@@ -24,11 +24,10 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
-from transformers import AutoModelForMultimodalLM, AutoProcessor, TextIteratorStreamer  # noqa: E402
+from transformers import AutoModelForMultimodalLM, AutoProcessor, TextIteratorStreamer, pipeline  # noqa: E402
 
 import transformers_anymal  # noqa: E402  (also registers AnyMAL with the Auto classes)
 from transformers_anymal.feature_extraction_anymal import load_imu  # noqa: E402
-from transformers_anymal.safety_anymal import has_images  # noqa: E402
 
 
 DEFAULT_MODEL = "outputs/anymal-demo/instructed/merged"
@@ -96,65 +95,47 @@ def shown_media(files: list[str], imu_extractor) -> list[dict]:
 
 
 def build_app(model, processor, max_new_tokens: int = 64, safety_checker=None) -> gr.Blocks:
+    pipe = pipeline("any-to-text", model=model, processor=processor, safety_checker=safety_checker)
+
     def respond(message: dict, shown: list, conversation: list, imu_sampling_rate):
         text, files = message.get("text") or "", [getattr(f, "path", f) for f in message.get("files") or []]
         try:
             turn, names = user_turn(text, files, imu_sampling_rate)
             question = [{"role": "user", "content": text}] if text.strip() else []
             shown = [*shown, *shown_media(files, processor.imu_feature_extractor), *question]
-            inputs = processor.apply_chat_template([*conversation, turn], add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True).to(model.device)
-            verdict = safety_checker.check_input([*conversation, turn]) if safety_checker else None
-        except (ValueError, TypeError, OSError) as error:  # the processor's message, in the chat
+        except (ValueError, TypeError, OSError) as error:  # a file this chat cannot read, in the chat
             yield [*shown, {"role": "assistant", "content": f"⚠️ {error}"}], None, conversation
             return
-        if verdict is not None:  # not generated, and not kept in the conversation
-            yield [*shown, {"role": "assistant", "content": refusal(safety_checker, verdict)}], None, conversation
-            return
         streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        options = {"max_new_tokens": max_new_tokens, "do_sample": False, "streamer": streamer}
-        guard = None
-        if safety_checker is not None and "output_text" in safety_checker.checks:  # text is shown once checked
-            guard = safety_checker.output_guard(processor.tokenizer, inputs["input_ids"].shape[1], streamer)
-            options.update(streamer=guard.streamer, stopping_criteria=[guard])
-        failures = []
+        outcome = {}
 
-        def generate():
+        def generate():  # in a thread, so that the answer streams; the pipeline runs the safety checks
             try:
-                model.generate(**inputs, **options)
-            except Exception as error:  # e.g. a safety classifier that fails: end the stream, say why
-                failures.append(error)
+                [outcome["output"]] = pipe([*conversation, turn], max_new_tokens=max_new_tokens, do_sample=False,
+                                           streamer=streamer, return_full_text=False)
+            except Exception as error:  # the processor's message (or a failing check's): end the stream, say why
+                outcome["error"] = error
                 streamer.end()
 
         thread = Thread(target=generate)
         thread.start()
-        used = f"\n\n*used: {', '.join(names)}*" if names else ""
-        # an answer about images is shown once the association check has seen it whole
-        hold = (safety_checker is not None and "association" in safety_checker.checks
-                and has_images([*conversation, turn]))
         answer = ""
         for piece in streamer:
             answer += piece
-            if not hold:
-                yield [*shown, {"role": "assistant", "content": answer.strip()}], None, conversation
+            yield [*shown, {"role": "assistant", "content": answer.strip()}], None, conversation
         thread.join()
-        if failures:
-            yield [*shown, {"role": "assistant", "content": f"⚠️ generation failed: {failures[0]}"}], None, conversation
+        if "error" in outcome:
+            yield [*shown, {"role": "assistant", "content": f"⚠️ {outcome['error']}"}], None, conversation
             return
-        verdict = guard.verdicts[0] if guard is not None else None  # its streamer's end() checked the rest
-        if verdict is None and safety_checker is not None:
-            try:
-                verdict = safety_checker.check_association([*conversation, turn], answer.strip())
-            except (ValueError, TypeError, OSError) as error:
-                yield [*shown, {"role": "assistant", "content": f"⚠️ {error}"}], None, conversation
-                return
-            answer = "" if verdict is not None else answer
-        if verdict is not None:
-            stopped = f"{answer.strip()}\n\n{refusal(safety_checker, verdict)}".strip()
+        output = outcome["output"]
+        if (verdict := output.get("safety")) is not None:  # refused, or stopped: not kept in the conversation
+            kept = output["generated_text"] if verdict["check"] == "output_text" else ""
+            stopped = f"{kept}\n\n🛑 {safety_checker.refusal} ({verdict['reason']})".strip()
             yield [*shown, {"role": "assistant", "content": stopped}], None, conversation
             return
-        conversation = [*conversation, turn, {"role": "assistant", "content": answer.strip()}]
-        yield [*shown, {"role": "assistant", "content": answer.strip() + used}], None, conversation
+        conversation = [*conversation, turn, {"role": "assistant", "content": output["generated_text"]}]
+        used = f"\n\n*used: {', '.join(names)}*" if names else ""
+        yield [*shown, {"role": "assistant", "content": output["generated_text"] + used}], None, conversation
 
     with gr.Blocks(title="AnyMAL") as app:
         gr.Markdown("### AnyMAL: ask about images, videos, audio and IMU recordings")
@@ -169,10 +150,6 @@ def build_app(model, processor, max_new_tokens: int = 64, safety_checker=None) -
         box.submit(respond, [box, chatbot, conversation, imu_rate], [chatbot, box, conversation], api_name="respond")
         gr.Button("New chat").click(lambda: ([], None, []), None, [chatbot, box, conversation], api_name="clear")
     return app
-
-
-def refusal(safety_checker, verdict) -> str:
-    return f"🛑 {safety_checker.refusal} ({verdict.reason})"
 
 
 def load(model_path: str, device: str):

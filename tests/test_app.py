@@ -118,6 +118,22 @@ def test_with_safety_checks_an_offensive_question_is_refused_in_the_chat_and_a_c
     assert not text.startswith("🛑") and text.endswith("*used: image digit.png*")
 
 
+def test_an_answer_the_output_check_flags_is_stopped_in_the_chat_and_not_kept(checkpoint, media):
+    flag_every_answer = transformers_anymal.AnyMALSafetyChecker(output_text=lambda text: float(bool(text.strip())))
+    app = app_module.build_app(*checkpoint, max_new_tokens=4, safety_checker=flag_every_answer)
+    url = serve(app)
+    try:
+        from gradio_client import Client, handle_file
+
+        chat, _ = Client(url, verbose=False).predict(
+            {"text": "Which digit?", "files": [handle_file(str(media / "digit.png"))]}, [], 100, api_name="/respond")
+    finally:
+        app.close()
+    answer = chat[-1]["content"]
+    text = answer if isinstance(answer, str) else answer[0]["text"]
+    assert "🛑" in text and "output text check" in text and "*used:" not in text
+
+
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),  # .ci/run installs it, and must run this
                     reason="needs Debian's chromium: apt-get install chromium")
 def test_in_a_browser_a_question_with_an_image_gets_a_streamed_answer(url, media, tmp_path):
