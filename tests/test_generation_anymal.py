@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from transformers import GenerationConfig
+from transformers import CompileConfig, GenerationConfig
 from transformers.cache_utils import Cache
 
 from transformers_anymal import MODALITIES
@@ -42,6 +42,23 @@ def test_a_static_cache_gives_the_same_tokens():
     dynamic = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert torch.equal(model.generate(**inputs, max_new_tokens=8, do_sample=False, cache_implementation="static"),
                        dynamic)
+
+
+def test_a_fullgraph_compiled_decoding_step_gives_the_dynamic_cache_tokens():
+    # transformers' test_generate_compile_model_forward_fullgraph: with `_can_compile_fullgraph`, generate compiles the
+    # decoding step with a static cache; fullgraph=True fails on any graph break (a placeholder scan, a host sync).
+    # The "eager" backend traces with dynamo as inductor does, without generating code.
+    model = tiny_model()
+    assert model._can_compile_fullgraph
+    inputs = make_inputs(model.config, [ALL, ["text", "audio", "text"]])
+    dynamic = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    compile_config = CompileConfig(fullgraph=True, backend="eager", mode=None)
+    compile_config._compile_all_devices = True  # generate compiles on accelerators only, unless told otherwise
+    torch._dynamo.reset()
+    compiled = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                              compile_config=compile_config)
+    assert torch.equal(compiled, dynamic)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step really went through dynamo
 
 
 def test_chunked_prefill_gives_the_same_tokens():

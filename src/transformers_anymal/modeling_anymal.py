@@ -22,8 +22,9 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.processing_utils import Unpack
 from transformers.quantizers import AutoQuantizationConfig
-from transformers.utils import auto_docstring, can_return_tuple
+from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple, logging
 
 from .compatibility_anymal import (
     CACHE_NAME,
@@ -34,6 +35,8 @@ from .compatibility_anymal import (
 from .configuration_anymal import MODALITIES, AnyMALConfig, AnyMALIMUConfig
 from .modelcard_anymal import anymal_model_card
 
+
+logger = logging.get_logger(__name__)
 
 # written into pushed configs, so that only transformers and `trust_remote_code=True` are needed to load them
 AUTO_MAP = {
@@ -94,6 +97,8 @@ class AnyMALIMUEncoder(PreTrainedModel):
     main_input_name = "imu_values"
     input_modalities = ("time",)
     _no_split_modules = ["AnyMALIMUEncoder"]
+    # it has no attention layers, so every attention backend a composite model asks for applies to it as it is
+    _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
 
     def __init__(self, config: AnyMALIMUConfig):
         super().__init__(config)
@@ -215,6 +220,59 @@ def build_encoder(config) -> PreTrainedModel:
     return AutoModel.from_config(config)
 
 
+class AnyMALEncoders(nn.ModuleDict):
+    """The modality encoders by modality name. Declares what its encoders declare (modules never split across
+    devices, modules kept in fp32, tied weights, keys ignored on load and save), under the attribute names
+    `PreTrainedModel.post_init` gathers from a model's direct children, so AnyMAL's carry them as LLaVA's carry its
+    vision tower's."""
+
+    def __init__(self, encoders: dict[str, PreTrainedModel]):
+        super().__init__(encoders)
+        for attribute in ("_no_split_modules", "_keep_in_fp32_modules", "_keep_in_fp32_modules_strict",
+                          "_skip_keys_device_placement", "_keys_to_ignore_on_load_unexpected",
+                          "_keys_to_ignore_on_load_missing"):
+            setattr(self, attribute, set().union(*(getattr(encoder, attribute, None) or () for encoder in encoders.values())))
+        self._keys_to_ignore_on_save = {  # matched exactly, so with the encoder's name, as post_init adds the children's
+            f"{name}.{key}" for name, encoder in encoders.items() for key in encoder._keys_to_ignore_on_save or ()
+        }
+        self.all_tied_weights_keys = {
+            f"{name}.{target}": f"{name}.{source}"
+            for name, encoder in encoders.items() for target, source in (encoder.all_tied_weights_keys or {}).items()
+        }
+
+
+def _attention_flag(implementation: str) -> str | None:
+    """The class attribute by which a transformers model declares that it supports an attention backend."""
+    if implementation in (None, "eager", "paged|eager"):
+        return None
+    if "flash" in implementation:
+        return "_supports_flash_attn"
+    if implementation.endswith("sdpa"):
+        return "_supports_sdpa"
+    if implementation.endswith("flex_attention"):
+        return "_supports_flex_attn"
+    return "_supports_attention_backend"  # a function registered in transformers' AttentionInterface
+
+
+def attention_per_sub_model(config: AnyMALConfig, requested: str | None = None) -> dict[str, str]:
+    """The attention backend of each sub-model, in the `{sub_config: implementation}` form of transformers'
+    `attn_implementation`: `requested` (by default, what each sub-config asks for) where the sub-model supports it,
+    "eager" where it does not (CLAP's audio tower has neither SDPA, flash nor flex attention). Says once which fell
+    back; sub-configs that ask for nothing are left to transformers' own default."""
+    implementations, fell_back = {}, []
+    for key in config.sub_configs:
+        if (sub_config := getattr(config, key, None)) is None or (wanted := requested or sub_config._attn_implementation) is None:
+            continue
+        model_class = MODEL_MAPPING[type(sub_config)] if key == "text_config" else encoder_class(sub_config)
+        supported = (flag := _attention_flag(wanted)) is None or getattr(model_class, flag, False)
+        implementations[key] = wanted if supported else "eager"
+        if not supported:
+            fell_back.append(f"{key} ({model_class.__name__}) does not support {wanted!r}")
+    if fell_back:
+        logger.warning_once(f"{'; '.join(fell_back)}: it uses 'eager' attention, the other sub-models what was asked for.")
+    return implementations
+
+
 def build_projector(config: AnyMALConfig, name: str) -> nn.Module:
     spec, input_size = MODALITIES[name], config.get_encoder_config(name).hidden_size
     if spec.projector == "perceiver":
@@ -288,10 +346,18 @@ class AnyMALPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, quantization_config=None, **kwargs):
-        """As [`PreTrainedModel.from_pretrained`]; a `quantization_config` quantizes only the language model."""
+        """As [`PreTrainedModel.from_pretrained`]; a `quantization_config` quantizes only the language model, and an
+        `attn_implementation` string applies to each sub-model that supports it (the others use "eager")."""
         if quantization_config is not None:
             quantization_config = skip_in_quantization(quantization_config, cls._modules_not_to_quantize)
         return super().from_pretrained(*args, quantization_config=quantization_config, **kwargs)
+
+    def set_attn_implementation(self, attn_implementation: str | dict, **kwargs):
+        """As [`PreTrainedModel.set_attn_implementation`]; a string applies to each sub-model that supports it, the
+        others use "eager"."""
+        if isinstance(attn_implementation, str):
+            attn_implementation = {"": attn_implementation, **attention_per_sub_model(self.config, attn_implementation)}
+        return super().set_attn_implementation(attn_implementation, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:  # transformers copies this module and its imports; add the pipeline's
@@ -360,12 +426,12 @@ class AnyMALModel(AnyMALPreTrainedModel):
         super().__init__(config)
         # a modality without its own sub-config (video) shares another's encoder, see `modality_encoder`
         own_encoders = [name for name in config.modalities if getattr(config, f"{name}_config") is not None]
-        self.encoders = nn.ModuleDict({name: build_encoder(getattr(config, f"{name}_config")) for name in own_encoders})
+        for key, implementation in attention_per_sub_model(config).items():  # a backend asked for by name
+            getattr(config, key)._attn_implementation = implementation
+        self.encoders = AnyMALEncoders({name: build_encoder(getattr(config, f"{name}_config")) for name in own_encoders})
         self.projectors = nn.ModuleDict({name: build_projector(config, name) for name in config.modalities})
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
-        for encoder in self.encoders.values():  # post_init gathers these from direct children, not a ModuleDict's
-            self._no_split_modules.update(encoder._no_split_modules or [])
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -510,7 +576,7 @@ class AnyMALModel(AnyMALPreTrainedModel):
                 features = self.get_modality_features(name, modality_values.get(name), encoder_features.get(name))
                 projected[name] = features
                 features = features.flatten(0, 1)
-            elif name in self.config.modalities and self.placeholder_mask(name, input_ids, inputs_embeds).any():
+            elif name in self.config.modalities and input_ids is not None and (input_ids == getattr(self.config, f"{name}_token_id")).any():
                 raise ValueError(
                     f"The text has {spec.token} placeholder tokens but no {name} input was given; pass "
                     f"{spec.input_name} (or remove the placeholders)."
@@ -538,7 +604,7 @@ class AnyMALModel(AnyMALPreTrainedModel):
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         prompt_embeds: torch.FloatTensor | None = None,
         past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | AnyMALModelOutputWithPast:
         cache = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -603,12 +669,19 @@ class AnyMALModel(AnyMALPreTrainedModel):
 
 @auto_docstring(custom_intro="AnyMAL: any-modality inputs, text out.")
 class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    # decoding steps (after prefill) have no media, no placeholder scans and no host syncs of AnyMAL's own
+    _can_compile_fullgraph = True
 
     def __init__(self, config: AnyMALConfig):
         super().__init__(config)
         self.model = AnyMALModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # tied (when the config says so) to the language model's input embeddings, wherever that decoder keeps them
+        # (`embed_tokens` in Llama, `wte` in GPT-2)
+        embeddings = self.model.language_model.get_input_embeddings()
+        path = next(name for name, module in self.model.language_model.named_modules() if module is embeddings)
+        self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{path}.weight"}
         self.post_init()
 
     def get_input_embeddings(self):
@@ -642,7 +715,7 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | AnyMALCausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
@@ -691,19 +764,19 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
         media = {name: kwargs.pop(spec.input_name, None) for name, spec in MODALITIES.items()}
         media = {name: values for name, values in media.items() if values is not None}
         encoder_features, mm_encoder_outputs = kwargs.pop("encoder_features", None), kwargs.pop("mm_encoder_outputs", None)
-        if media or encoder_features or mm_encoder_outputs:
-            inputs_embeds = kwargs.get("inputs_embeds")
-            if inputs_embeds is None:
-                inputs_embeds = self.get_input_embeddings()(input_ids)
-            kwargs["prompt_embeds"], _ = self.model.embed_modalities(
-                input_ids, inputs_embeds, media, encoder_features, mm_encoder_outputs
-            )
         if getattr(generation_config, "is_assistant", False):
             # the draft model of assisted decoding: transformers hands it the main model's inputs without media, so
             # it reads the placeholders as the tokens they are (as LLaVA's assistants do), and the main model's
             # logits processors, placeholder suppression included; the main model verifies every draft token
             kwargs["prompt_embeds"] = self.get_input_embeddings()(input_ids)
             return super().generate(inputs, generation_config, *args, **kwargs)
+        inputs_embeds = kwargs.get("inputs_embeds")
+        if input_ids is not None or inputs_embeds is not None:  # the prompt, checked and embedded once, media in place
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            kwargs["prompt_embeds"], _ = self.model.embed_modalities(
+                input_ids, inputs_embeds, media, encoder_features, mm_encoder_outputs
+            )
         placeholder_ids = {getattr(self.config, f"{name}_token_id") for name in self.config.modalities}
         suppressed = kwargs.get("suppress_tokens") or (generation_config or self.generation_config).suppress_tokens
         if placeholder_ids:  # added to the user's own suppressed tokens, wherever those were given
@@ -718,8 +791,14 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
             input_ids, *args, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
         prompt_embeds, cache = model_inputs.get("prompt_embeds"), model_inputs.get(CACHE_NAME)
-        if prompt_embeds is not None and cache is not None and cache.get_seq_length() >= prompt_embeds.shape[1]:
-            model_inputs.pop("prompt_embeds")  # the whole prompt is in the cache
+        # after the first forward with a cache (prefill, or an assistant's first draft step, which transformers does
+        # not count as a first iteration), the prompt is cached and the input holds generated tokens only
+        prompt_cached = prompt_embeds is not None and cache is not None and input_ids.shape[1] > prompt_embeds.shape[1]
+        if prompt_cached and not is_first_iteration:
+            model_inputs.pop("prompt_embeds")
+            # generated tokens are never placeholders (generate suppresses them): they go in as embeddings, which
+            # forward does not scan for placeholders, so a decoding step has no host syncs (and compiles whole)
+            model_inputs["inputs_embeds"] = self.get_input_embeddings()(model_inputs.pop("input_ids"))
         return model_inputs
 
 
