@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None):
     @torch.inference_mode()
     def encode(batch, indices):
         chats = [collator.chat(dict(zip(batch, values)), index) for values, index in zip(zip(*batch.values()), indices)]
-        inputs = processor.apply_chat_template(chats, tokenize=True, return_dict=True)
+        inputs = processor.apply_chat_template(chats, tokenize=True, return_dict=True, return_tensors="pt")
         features = {}
         for name in names:  # the batch's items come in row order; each row gets its own back
             values = inputs.get(MODALITIES[name].input_name)

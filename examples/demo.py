@@ -61,7 +61,7 @@ def main():
             {"type": "text", "text": "What is the person doing, and what digit is shown?"},
         ]},
     ]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     start = time.perf_counter()
     with torch.inference_mode():
         generated = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)

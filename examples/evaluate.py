@@ -65,7 +65,7 @@ def main(argv=None):
         chats = [collator.chat(row, start + offset) for offset, row in enumerate(rows)]
         prompts = [chat[:-1] if chat[-1]["role"] == "assistant" else chat for chat in chats]
         inputs = processor.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                               processor_kwargs={"padding_side": "left"}).to(args.device)
+                                               processor_kwargs={"padding_side": "left"}, return_tensors="pt").to(args.device)
         if args.zero_inputs:  # media, and features of rows written by cache_features.py
             for spec in MODALITIES.values():
                 if spec.input_name in inputs:

@@ -108,7 +108,7 @@ def test_composed_model_keeps_every_components_weights(parts):
 
     messages = [{"role": "user", "content": [{"type": "imu", "imu": np.random.randn(6, 400), "sampling_rate": 100},
                                              {"type": "text", "text": "what is the person doing ?"}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
 
 

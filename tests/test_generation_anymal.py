@@ -1,6 +1,8 @@
 """Generation: one test per behaviour that AnyMAL adds to transformers' `generate` (see the comment above
 `AnyMALForConditionalGeneration.generate`), so that an upstream change fails here rather than for a user."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import CompileConfig, GenerationConfig
@@ -113,8 +115,13 @@ def test_the_cache_continues_a_forward_under_either_name():
         for name in ("cache", "past_key_values"):
             cache = getattr(model(**prefix, use_cache=True), CACHE_NAME)  # `cache` from 5.24 on, then the old name
             assert isinstance(cache, Cache) and cache.get_seq_length() == prefix["input_ids"].shape[1]
-            step = model(input_ids=inputs["input_ids"][:, -1:], attention_mask=inputs["attention_mask"], **{name: cache})
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                step = model(input_ids=inputs["input_ids"][:, -1:], attention_mask=inputs["attention_mask"],
+                             **{name: cache})
             assert torch.allclose(step.logits[:, -1], whole, atol=1e-5), name
+            deprecated = any("`past_key_values` is deprecated" in str(warning.message) for warning in caught)
+            assert deprecated == (name == "past_key_values" and CACHE_NAME == "cache"), name  # as transformers' own
         with pytest.raises(ValueError, match="Pass the key/value cache once"):
             model(**inputs, cache=cache, past_key_values=type(cache)())
 

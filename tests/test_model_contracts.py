@@ -11,8 +11,7 @@ import torch
 from accelerate import infer_auto_device_map
 from safetensors import safe_open
 
-from transformers_anymal import AnyMALConfig, AnyMALForConditionalGeneration, AnyMALIMUEncoder
-from transformers_anymal import modeling_anymal
+from transformers_anymal import AnyMALConfig, AnyMALForConditionalGeneration, AnyMALIMUEncoder, modeling_anymal
 
 from anymal_tester import make_inputs, tiny_config, tiny_model
 from child_process import run

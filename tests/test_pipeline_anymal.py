@@ -57,7 +57,7 @@ def test_input_text_describes_media_instead_of_printing_them(pipe):
 def test_answers_come_back_without_surrounding_spaces(pipe):
     chat = image_and_imu_chat()
     prompt_length = len(pipe.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=True)["input_ids"][0])
+                                                           return_dict=True, return_tensors="pt")["input_ids"][0])
     space, vocabulary = pipe.processor.tokenizer.convert_tokens_to_ids("\u0120"), len(pipe.processor.tokenizer)
 
     def spaces_first(batch, ids):  # the answer begins with two spaces, as a real model's answer may

@@ -47,7 +47,7 @@ def test_the_image_encoder_gives_the_pretrained_features(built):
     processor = AutoProcessor.from_pretrained(built)
     image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
     chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe it."}]}]
-    inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+    inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     clip = CLIPVisionModel.from_pretrained(CHECKPOINTS["image"]).eval()
     with torch.no_grad():
         expected = clip(pixel_values=inputs["pixel_values"]).last_hidden_state

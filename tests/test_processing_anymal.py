@@ -110,29 +110,29 @@ def test_batch_with_different_modality_sets_matches_one_by_one(processor, model,
         chat(text="Just text, please."),
         chat({"type": "audio", "path": media["audio"]}, {"type": "audio", "path": media["audio"]}),
     ]
-    batch = processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True)
+    batch = processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "input_features", "imu_values"}
     assert (batch["attention_mask"][:, 0] == 0).any(), "decoder-only batches are left-padded"
     batched = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, -5:]
     for index, messages in enumerate(chats):
-        alone = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        alone = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
         assert torch.equal(model.generate(**alone, max_new_tokens=5, do_sample=False)[0, -5:], batched[index])
 
 
 def test_only_the_modalities_present_are_returned(processor):
-    inputs = processor(text=["plain text", "more plain text"])
+    inputs = processor(text=["plain text", "more plain text"], return_tensors="pt")
     assert set(inputs) == {"input_ids", "attention_mask"}
 
 
 def test_padding_side_is_configurable(processor):
-    left = processor(text=["a", "a longer text"])
-    right = processor(text=["a", "a longer text"], padding_side="right")
+    left = processor(text=["a", "a longer text"], return_tensors="pt")
+    right = processor(text=["a", "a longer text"], padding_side="right", return_tensors="pt")
     assert left["attention_mask"][0, 0] == 0 and right["attention_mask"][0, -1] == 0
 
 
 def test_each_placeholder_becomes_a_run_of_tokens_in_order(processor, media):
     inputs = processor(text="<imu> then <image> then <imu>", images=media["image"],
-                       imu=[imu_recording(seed=1), imu_recording(seed=2)], imu_sampling_rate=100)
+                       imu=[imu_recording(seed=1), imu_recording(seed=2)], imu_sampling_rate=100, return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     runs = [(token, len(list(group))) for token, group in __import__("itertools").groupby(ids)
             if token >= processor.image_token_id]
@@ -142,31 +142,31 @@ def test_each_placeholder_becomes_a_run_of_tokens_in_order(processor, media):
 
 def test_items_given_per_sample_are_checked_per_sample(processor, media):
     texts = ["<image> one", "two, no image"]
-    processor(text=texts, images=[[media["image"]], []])  # fine
+    processor(text=texts, images=[[media["image"]], []], return_tensors="pt")  # fine
     with pytest.raises(ValueError, match=r"sample 1 has 0 <image> placeholder\(s\) but 1 images were given"):
-        processor(text=texts, images=[[media["image"]], [media["image"]]])
+        processor(text=texts, images=[[media["image"]], [media["image"]]], return_tensors="pt")
     with pytest.raises(ValueError, match=r"the texts \(\[1, 0\] per sample\) hold 1 <image> placeholder\(s\) but 2"):
-        processor(text=texts, images=[media["image"], media["image"]])
+        processor(text=texts, images=[media["image"], media["image"]], return_tensors="pt")
     with pytest.raises(ValueError, match=r"sample 0 has 1 <image> placeholder\(s\) but no images were given"):
-        processor(text=texts)
+        processor(text=texts, return_tensors="pt")
 
 
 def test_items_without_placeholders_are_rejected(processor, media):
     with pytest.raises(ValueError, match="hold 0 <image> placeholder.* write one <image> where each item belongs"):
-        processor(text="Describe this.", images=media["image"])
+        processor(text="Describe this.", images=media["image"], return_tensors="pt")
 
 
 def test_audio_is_resampled_to_the_feature_extractors_rate(processor):
     rate = processor.feature_extractor.sampling_rate
     waveform = np.sin(np.linspace(0, 800 * np.pi, 16000)).astype(np.float32)  # 1 s at 16 kHz
-    at_16k = processor(text="<audio>", audio=waveform, sampling_rate=16000)["input_features"]
+    at_16k = processor(text="<audio>", audio=waveform, sampling_rate=16000, return_tensors="pt")["input_features"]
     resampled = soxr.resample(waveform, 16000, rate).astype(np.float32)
-    at_48k = processor(text="<audio>", audio=resampled, sampling_rate=rate)["input_features"]
+    at_48k = processor(text="<audio>", audio=resampled, sampling_rate=rate, return_tensors="pt")["input_features"]
     assert torch.allclose(at_16k, at_48k)
-    taken_as_48k = processor(text="<audio>", audio=waveform, sampling_rate=rate)["input_features"]
+    taken_as_48k = processor(text="<audio>", audio=waveform, sampling_rate=rate, return_tensors="pt")["input_features"]
     assert not torch.allclose(at_16k, taken_as_48k)
     with pytest.raises(ValueError, match="audio 0: .*no sampling rate"):
-        processor(text="<audio>", audio=waveform)
+        processor(text="<audio>", audio=waveform, return_tensors="pt")
 
 
 def test_video_frames_are_sampled_uniformly_over_the_clip(processor, media):
@@ -179,7 +179,7 @@ def test_video_frames_are_sampled_uniformly_over_the_clip(processor, media):
 
 def test_video_arrays_are_sampled_to_num_frames(processor):
     clip = np.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)  # shorter than num_frames
-    assert processor(text="<video>", videos=clip)["pixel_values_videos"].shape == (1, 4, 3, 32, 32)
+    assert processor(text="<video>", videos=clip, return_tensors="pt")["pixel_values_videos"].shape == (1, 4, 3, 32, 32)
 
 
 # IMU feature extractor
@@ -201,8 +201,8 @@ def test_imu_files(processor, tmp_path):
     recording = imu_recording()
     np.save(tmp_path / "walk.npy", recording)
     np.savetxt(tmp_path / "walk.csv", recording.T, delimiter=",", header="ax,ay,az,gx,gy,gz", comments="")
-    from_npy = processor(text="<imu>", imu=str(tmp_path / "walk.npy"), imu_sampling_rate=100)["imu_values"]
-    from_csv = processor(text="<imu>", imu=str(tmp_path / "walk.csv"), imu_sampling_rate=100)["imu_values"]
+    from_npy = processor(text="<imu>", imu=str(tmp_path / "walk.npy"), imu_sampling_rate=100, return_tensors="pt")["imu_values"]
+    from_csv = processor(text="<imu>", imu=str(tmp_path / "walk.csv"), imu_sampling_rate=100, return_tensors="pt")["imu_values"]
     assert torch.allclose(from_npy, from_csv, atol=1e-5)
 
 
@@ -226,7 +226,7 @@ def test_long_imu_recordings_are_cropped_with_a_warning(processor, caplog):
 )
 def test_bad_imu_recordings(processor, recording, rate, message):
     with pytest.raises(ValueError, match=message):
-        processor(text="<imu>", imu=recording, imu_sampling_rate=rate)
+        processor(text="<imu>", imu=recording, imu_sampling_rate=rate, return_tensors="pt")
 
 
 def test_corrupt_and_empty_media_name_the_item(processor, media):
@@ -235,24 +235,24 @@ def test_corrupt_and_empty_media_name_the_item(processor, media):
     (folder / "broken.wav").write_bytes(b"RIFF....WAVEnot audio")
     (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 garbage")
     with pytest.raises(ValueError, match="image 1: cannot read .*broken.png"):
-        processor(text="<image><image>", images=[media["image"], str(folder / "broken.png")])
+        processor(text="<image><image>", images=[media["image"], str(folder / "broken.png")], return_tensors="pt")
     with pytest.raises(ValueError, match="audio 0: cannot read .*broken.wav"):
-        processor(text="<audio>", audio=str(folder / "broken.wav"))
+        processor(text="<audio>", audio=str(folder / "broken.wav"), return_tensors="pt")
     with pytest.raises(ValueError, match="audio 0: .*non-empty mono waveform"):
-        processor(text="<audio>", audio=np.zeros(0, dtype=np.float32), sampling_rate=16000)
+        processor(text="<audio>", audio=np.zeros(0, dtype=np.float32), sampling_rate=16000, return_tensors="pt")
     with pytest.raises(ValueError, match="video: cannot decode .*broken.mp4"):
-        processor(text="<video>", videos=str(folder / "broken.mp4"))
+        processor(text="<video>", videos=str(folder / "broken.mp4"), return_tensors="pt")
     with pytest.raises(ValueError, match="video 0: the clip has no frames"):
-        processor(text="<video>", videos=np.zeros((0, 32, 32, 3), dtype=np.uint8))
+        processor(text="<video>", videos=np.zeros((0, 32, 32, 3), dtype=np.uint8), return_tensors="pt")
     with pytest.raises(TypeError, match="image 0: int is not a image input"):
-        processor(text="<image>", images=[3])
+        processor(text="<image>", images=[3], return_tensors="pt")
 
 
 def test_bad_chat_blocks(processor):
     with pytest.raises(ValueError, match=r"message 0, block 0: unknown content type 'smell'"):
-        processor.apply_chat_template(chat({"type": "smell", "smell": "roses"}), tokenize=True)
+        processor.apply_chat_template(chat({"type": "smell", "smell": "roses"}), tokenize=True, return_tensors="pt")
     with pytest.raises(ValueError, match=r"block 0: a audio array needs 'sampling_rate'"):
-        processor.apply_chat_template(chat({"type": "audio", "audio": np.zeros(100)}), tokenize=True)
+        processor.apply_chat_template(chat({"type": "audio", "audio": np.zeros(100)}), tokenize=True, return_tensors="pt")
 
 
 @pytest.mark.parametrize("content, message", [
@@ -261,7 +261,7 @@ def test_bad_chat_blocks(processor):
 ])
 def test_chats_that_would_render_none_are_refused(processor, content, message):
     with pytest.raises(ValueError, match=message):
-        processor.apply_chat_template([{"role": "user", "content": content}], tokenize=True)
+        processor.apply_chat_template([{"role": "user", "content": content}], tokenize=True, return_tensors="pt")
 
 
 def test_malformed_chats_and_media_are_named_not_crashed_on(processor, tmp_path):
@@ -280,14 +280,14 @@ def test_malformed_chats_and_media_are_named_not_crashed_on(processor, tmp_path)
     ]
     for conversation, message in cases:
         with pytest.raises((ValueError, TypeError), match=message):
-            processor.apply_chat_template(conversation, tokenize=True, return_dict=True)
+            processor.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt")
 
 
 def test_blocks_with_keys_holding_none_as_datasets_writes_them(processor):
     image = np.random.default_rng(0).integers(0, 256, (30, 30, 3), dtype=np.uint8)
-    plain = processor.apply_chat_template(chat({"type": "image", "image": image}), tokenize=True, return_dict=True)
+    plain = processor.apply_chat_template(chat({"type": "image", "image": image}), tokenize=True, return_dict=True, return_tensors="pt")
     padded = processor.apply_chat_template(chat({"type": "image", "image": image, "url": None, "path": None}),
-                                           tokenize=True, return_dict=True)
+                                           tokenize=True, return_dict=True, return_tensors="pt")
     assert torch.equal(padded["pixel_values"], plain["pixel_values"])
 
 
@@ -306,30 +306,30 @@ def test_cached_encoder_features_stand_in_for_media(processor, media):
     from transformers_anymal import EncoderFeatures
 
     features = EncoderFeatures(np.zeros((17, 32), dtype=np.float32))
-    inputs = processor(text="<image> cached", images=[features])
+    inputs = processor(text="<image> cached", images=[features], return_tensors="pt")
     assert "pixel_values" not in inputs and inputs["encoder_features"]["image"].shape == (1, 17, 32)
     assert int((inputs["input_ids"] == processor.image_token_id).sum()) == 8
     with pytest.raises(ValueError, match="image: mix of raw items and EncoderFeatures"):
-        processor(text="<image><image>", images=[features, media["image"]])
+        processor(text="<image><image>", images=[features, media["image"]], return_tensors="pt")
 
 
 def test_decoding_hooks(processor):
-    ids = processor(text=["the person is running"])["input_ids"]
+    ids = processor(text=["the person is running"], return_tensors="pt")["input_ids"]
     assert processor.batch_decode(ids, skip_special_tokens=True) == ["the person is running"]
     assert processor.post_process_image_text_to_text(ids) == ["the person is running"]
 
 
 def test_pil_images_and_arrays(processor):
     image = Image.new("RGB", (20, 30), color=(255, 0, 0))
-    from_pil = processor(text="<image>", images=image)["pixel_values"]
-    from_array = processor(text="<image>", images=np.array(image))["pixel_values"]
+    from_pil = processor(text="<image>", images=image, return_tensors="pt")["pixel_values"]
+    from_array = processor(text="<image>", images=np.array(image), return_tensors="pt")["pixel_values"]
     assert torch.allclose(from_pil, from_array)
 
 
 def test_grayscale_arrays_are_images(processor):
     gray = np.random.default_rng(0).integers(0, 256, (30, 20), dtype=np.uint8)
-    from_array = processor(text="<image>", images=gray)["pixel_values"]
-    as_pil = processor(text="<image>", images=Image.fromarray(gray))["pixel_values"]  # PIL's "L", made RGB
+    from_array = processor(text="<image>", images=gray, return_tensors="pt")["pixel_values"]
+    as_pil = processor(text="<image>", images=Image.fromarray(gray), return_tensors="pt")["pixel_values"]  # PIL's "L", made RGB
     assert from_array.shape == as_pil.shape and torch.allclose(from_array, as_pil)
 
 
@@ -339,26 +339,26 @@ def test_grayscale_arrays_are_images(processor):
 def test_integer_pcm_audio_is_scaled_to_the_float_range(processor):
     rng = np.random.default_rng(0)
     pcm = rng.integers(-32768, 32768, 48_000, dtype=np.int16)
-    as_int = processor(text="<audio>", audio=pcm, sampling_rate=48_000)["input_features"]
-    as_float = processor(text="<audio>", audio=pcm / 32768, sampling_rate=48_000)["input_features"]
+    as_int = processor(text="<audio>", audio=pcm, sampling_rate=48_000, return_tensors="pt")["input_features"]
+    as_float = processor(text="<audio>", audio=pcm / 32768, sampling_rate=48_000, return_tensors="pt")["input_features"]
     assert torch.allclose(as_int, as_float, atol=1e-4)
     unsigned = (pcm.astype(np.int32) // 256 + 128).astype(np.uint8)  # 8-bit WAV: unsigned, centred on 128
-    as_uint8 = processor(text="<audio>", audio=unsigned, sampling_rate=48_000)["input_features"]
-    expected = processor(text="<audio>", audio=(unsigned / 128 - 1), sampling_rate=48_000)["input_features"]
+    as_uint8 = processor(text="<audio>", audio=unsigned, sampling_rate=48_000, return_tensors="pt")["input_features"]
+    expected = processor(text="<audio>", audio=(unsigned / 128 - 1), sampling_rate=48_000, return_tensors="pt")["input_features"]
     assert torch.allclose(as_uint8, expected, atol=1e-4)
-    as_list = processor(text="<audio>", audio=(pcm / 32768).tolist(), sampling_rate=48_000)["input_features"]
+    as_list = processor(text="<audio>", audio=(pcm / 32768).tolist(), sampling_rate=48_000, return_tensors="pt")["input_features"]
     assert torch.allclose(as_list, as_float, atol=1e-4)  # a Python list of samples is one waveform
     with pytest.raises(ValueError, match=r"audio 0: .*float samples reach 3\d{4}.*divide 16-bit PCM stored as floats"):
-        processor(text="<audio>", audio=pcm.astype(np.float32), sampling_rate=48_000)
+        processor(text="<audio>", audio=pcm.astype(np.float32), sampling_rate=48_000, return_tensors="pt")
 
 
 def test_audio_longer_than_the_window_keeps_its_middle_the_same_every_time(processor, caplog):
     rng = np.random.default_rng(0)
     long = rng.uniform(-1, 1, 48_000 * 14).astype(np.float32)
     with caplog.at_level(logging.WARNING):
-        first = processor(text="<audio>", audio=long, sampling_rate=48_000)["input_features"]
-    second = processor(text="<audio>", audio=long, sampling_rate=48_000)["input_features"]
-    middle = processor(text="<audio>", audio=long[2 * 48_000 : 12 * 48_000], sampling_rate=48_000)["input_features"]
+        first = processor(text="<audio>", audio=long, sampling_rate=48_000, return_tensors="pt")["input_features"]
+    second = processor(text="<audio>", audio=long, sampling_rate=48_000, return_tensors="pt")["input_features"]
+    middle = processor(text="<audio>", audio=long[2 * 48_000 : 12 * 48_000], sampling_rate=48_000, return_tensors="pt")["input_features"]
     assert torch.equal(first, second) and torch.equal(first, middle)
     assert "longer than the encoder's 10 s window; keeping its middle" in caplog.text
 
@@ -366,21 +366,21 @@ def test_audio_longer_than_the_window_keeps_its_middle_the_same_every_time(proce
 def test_16_bit_and_float_images_mean_what_8_bit_ones_do(processor, tmp_path):
     rng = np.random.default_rng(0)
     eight = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # the encoder's size: no resampling
-    expected = processor(text="<image>", images=eight)["pixel_values"]
+    expected = processor(text="<image>", images=eight, return_tensors="pt")["pixel_values"]
     sixteen = eight.astype(np.uint16) * 257
-    assert torch.allclose(processor(text="<image>", images=sixteen)["pixel_values"], expected, atol=1e-5)
+    assert torch.allclose(processor(text="<image>", images=sixteen, return_tensors="pt")["pixel_values"], expected, atol=1e-5)
     unit = eight.astype(np.float32) / 255
-    assert torch.allclose(processor(text="<image>", images=unit)["pixel_values"], expected, atol=1e-5)
-    assert torch.allclose(processor(text="<image>", images=torch.from_numpy(unit))["pixel_values"], expected, atol=1e-5)
+    assert torch.allclose(processor(text="<image>", images=unit, return_tensors="pt")["pixel_values"], expected, atol=1e-5)
+    assert torch.allclose(processor(text="<image>", images=torch.from_numpy(unit), return_tensors="pt")["pixel_values"], expected, atol=1e-5)
     gray = eight[..., 0]
     Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # a 16-bit grayscale PNG
     with Image.open(tmp_path / "sixteen.png") as png:
         assert png.mode.startswith("I")
-        from_png = processor(text="<image>", images=png)["pixel_values"]
-    assert torch.allclose(from_png, processor(text="<image>", images=gray)["pixel_values"], atol=1e-5)
+        from_png = processor(text="<image>", images=png, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(from_png, processor(text="<image>", images=gray, return_tensors="pt")["pixel_values"], atol=1e-5)
     as_32_bit = Image.fromarray(gray.astype(np.int32) * 257)  # how PIL reads some 16-bit files: mode "I"
     assert as_32_bit.mode == "I"
-    assert torch.allclose(processor(text="<image>", images=as_32_bit)["pixel_values"], from_png, atol=1e-5)
+    assert torch.allclose(processor(text="<image>", images=as_32_bit, return_tensors="pt")["pixel_values"], from_png, atol=1e-5)
 
 
 @pytest.mark.parametrize("image, error, message", [
@@ -391,18 +391,18 @@ def test_16_bit_and_float_images_mean_what_8_bit_ones_do(processor, tmp_path):
 ])
 def test_images_whose_scale_cannot_be_known_are_refused(processor, image, error, message):
     with pytest.raises(error, match=f"image 0: .*{message}" if error is ValueError else message):
-        processor(text="<image>", images=image)
+        processor(text="<image>", images=image, return_tensors="pt")
 
 
 def test_video_frames_follow_the_image_rules(processor):
     frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    expected = processor(text="<video>", videos=frames)["pixel_values_videos"]
-    unit = processor(text="<video>", videos=frames.astype(np.float32) / 255)["pixel_values_videos"]
+    expected = processor(text="<video>", videos=frames, return_tensors="pt")["pixel_values_videos"]
+    unit = processor(text="<video>", videos=frames.astype(np.float32) / 255, return_tensors="pt")["pixel_values_videos"]
     assert torch.allclose(unit, expected, atol=1e-5)
     broken = frames.astype(np.float32) / 255
     broken[3, 5, 5] = np.nan
     with pytest.raises(ValueError, match="video 0: .*NaN or infinite"):
-        processor(text="<video>", videos=broken)
+        processor(text="<video>", videos=broken, return_tensors="pt")
 
 
 @pytest.mark.parametrize("arguments, error, message", [
@@ -425,11 +425,11 @@ def test_arrays_that_are_not_items_are_named_as_such(processor, arguments, error
 def test_placeholders_typed_in_chat_text_cannot_make_or_take_a_media_slot(processor, media):
     image_chat = chat({"type": "image", "path": media["image"]}, text="What is <image> in HTML?")
     with pytest.raises(ValueError, match=r"message 0, block 1: the text holds <image>, the placeholder of a media slot"):
-        processor.apply_chat_template(image_chat, tokenize=True, return_dict=True)
+        processor.apply_chat_template(image_chat, tokenize=True, return_dict=True, return_tensors="pt")
     with pytest.raises(ValueError, match=r"message 0: the text holds <audio>"):
-        processor.apply_chat_template(chat(text="hi", system="Answer about <audio>"), tokenize=True)
+        processor.apply_chat_template(chat(text="hi", system="Answer about <audio>"), tokenize=True, return_tensors="pt")
     # the keyword form writes placeholders in the text by design
-    assert int((processor(text="<image> what?", images=media["image"])["input_ids"] == processor.image_token_id).sum())
+    assert int((processor(text="<image> what?", images=media["image"], return_tensors="pt")["input_ids"] == processor.image_token_id).sum())
 
 
 def test_the_imu_feature_extractor_refuses_complex_recordings(processor):
@@ -442,7 +442,7 @@ def test_serving_engines_get_the_placeholder_count_each_item_takes(processor, me
                                                   audio_lengths=[48_000])
     inputs = processor(text="<image><image><video><audio>", images=[Image.new("RGB", (30, 20)), media["image"]],
                        videos=np.zeros((16, 64, 64, 3), dtype=np.uint8),
-                       audio=np.zeros(48_000, dtype=np.float32), sampling_rate=48_000)
+                       audio=np.zeros(48_000, dtype=np.float32), sampling_rate=48_000, return_tensors="pt")
     for name, key in (("image", "num_image_tokens"), ("video", "num_video_tokens"), ("audio", "num_audio_tokens")):
         per_item = int((inputs["input_ids"] == getattr(processor, f"{name}_token_id")).sum()) // len(counts[key])
         assert counts[key] == [per_item] * len(counts[key]), name
@@ -457,3 +457,117 @@ def test_saving_leaves_the_processor_as_it_was(tmp_path):
     saved = AutoProcessor.from_pretrained(tmp_path)  # the files still carry the auto_map for trust_remote_code
     assert (tmp_path / "processor_config.json").read_text().count('"AutoProcessor"') >= 1
     assert saved.num_tokens == processor.num_tokens
+
+
+# Keyword routing, as transformers' ProcessorTesterMixin checks it (tests/test_processing_common.py)
+
+
+def below_zero(values: torch.Tensor) -> bool:
+    """Every value negative: what rescale_factor=-1 without normalisation makes of any picture."""
+    return values.max().item() < 0
+
+
+@pytest.mark.parametrize("argument, key", [("images", "pixel_values"), ("videos", "pixel_values_videos")])
+def test_flat_image_options_reach_the_image_and_video_processors(processor, media, argument, key):
+    text = "<image>" if argument == "images" else "<video>"
+    plain = processor(text=text, **{argument: media[argument[:-1]]}, return_tensors="pt")[key]
+    flipped = processor(text=text, **{argument: media[argument[:-1]]}, do_rescale=True, rescale_factor=-1.0,
+                        do_normalize=False, return_tensors="pt")[key]
+    assert not below_zero(plain) and below_zero(flipped)
+
+
+@pytest.mark.parametrize("argument, key", [("images", "pixel_values"), ("videos", "pixel_values_videos")])
+def test_section_options_reach_their_processor_only(processor, media, argument, key):
+    text = "<image>" if argument == "images" else "<video>"
+    options = {"do_rescale": True, "rescale_factor": -1.0, "do_normalize": False}
+    flipped = processor(text=text, **{argument: media[argument[:-1]]}, **{f"{argument}_kwargs": options},
+                        return_tensors="pt")[key]
+    assert below_zero(flipped)
+    other = "videos" if argument == "images" else "images"
+    both = processor(text="<image><video>", images=media["image"], videos=media["video"],
+                     **{f"{other}_kwargs": options}, return_tensors="pt")
+    assert not below_zero(both[key])  # options for the other section leave this one alone
+
+
+def test_an_option_given_flat_and_in_its_section_raises(processor, media):
+    with pytest.raises(ValueError, match="rescale_factor was passed two times"):
+        processor(text="<image>", images=media["image"], rescale_factor=-1.0, images_kwargs={"rescale_factor": -1})
+    with pytest.raises(ValueError, match="padding was passed two times"):
+        processor(text="hello", padding="max_length", text_kwargs={"padding": "do_not_pad"})
+    with pytest.raises(ValueError, match="imu_sampling_rate was passed two times"):
+        processor(text="<imu>", imu=imu_recording(), imu_sampling_rate=100, imu_kwargs={"sampling_rate": 50})
+
+
+def test_text_options_reach_the_tokenizer(processor):
+    flat = processor(text="hello", padding="max_length", max_length=40, return_tensors="pt")
+    nested = processor(text="hello", text_kwargs={"padding": "max_length", "max_length": 40}, return_tensors="pt")
+    assert flat["input_ids"].shape == nested["input_ids"].shape == (1, 40)
+
+
+def test_the_tokenizers_own_padding_defaults_are_kept(processor, tmp_path):
+    processor.tokenizer.save_pretrained(tmp_path)
+    tokenizer = type(processor.tokenizer).from_pretrained(tmp_path, padding="max_length", max_length=33)
+    with_defaults = AnyMALProcessor(processor.image_processor, processor.video_processor, processor.feature_extractor,
+                                    processor.imu_feature_extractor, tokenizer, num_tokens=processor.num_tokens)
+    assert with_defaults(text="hello", return_tensors="pt")["input_ids"].shape == (1, 33)
+    assert processor(text=["a", "a longer text"], return_tensors="pt")["input_ids"].shape[0] == 2  # padded by default
+
+
+def test_return_tensors_defaults_to_none_as_in_transformers(processor, media):
+    inputs = processor(text=["<image> one", "two"], images=[media["image"]])
+    assert isinstance(inputs["input_ids"], list) and isinstance(inputs["input_ids"][0], list)
+    assert isinstance(inputs["pixel_values"], torch.Tensor)  # media are fixed-size items, stacked
+    assert isinstance(processor(text="<image>", images=media["image"], return_tensors="np")["input_ids"], np.ndarray)
+
+
+def test_imu_options_by_section_equal_the_flat_keyword(processor):
+    recording = imu_recording(rate=50)
+    flat = processor(text="<imu>", imu=recording, imu_sampling_rate=50, return_tensors="pt")["imu_values"]
+    nested = processor(text="<imu>", imu=recording, imu_kwargs={"sampling_rate": 50}, return_tensors="pt")["imu_values"]
+    assert torch.equal(flat, nested)
+    first_channel_last = processor(text="<imu>", imu=recording.T, imu_sampling_rate=50,
+                                   imu_kwargs={"channels_first": False}, return_tensors="pt")["imu_values"]
+    assert torch.equal(first_channel_last, flat)
+
+
+def test_audio_takes_its_sampling_rate_flat_and_ignores_text_padding(processor, media):
+    waveform = np.random.default_rng(0).uniform(-0.5, 0.5, 16000).astype(np.float32)
+    plain = processor(text="<audio>", audio=waveform, sampling_rate=16000, return_tensors="pt")["input_features"]
+    nested = processor(text="<audio>", audio=waveform, audio_kwargs={"sampling_rate": 16000},
+                       return_tensors="pt")["input_features"]
+    padded_text = processor(text="<audio>", audio=waveform, sampling_rate=16000, padding=True,
+                            return_tensors="pt")["input_features"]  # CLAP's own `padding` means "repeatpad" etc.
+    assert torch.equal(plain, nested) and torch.equal(plain, padded_text)
+
+
+def test_video_options_by_flat_keyword_and_section(processor, media):
+    flat = processor(text="<video>", videos=media["video"], num_frames=2, return_tensors="pt")["pixel_values_videos"]
+    nested = processor(text="<video>", videos=media["video"], videos_kwargs={"num_frames": 2},
+                       return_tensors="pt")["pixel_values_videos"]
+    assert flat.shape[1] == 2 and torch.equal(flat, nested)
+
+
+def test_frames_per_second_truncates_as_transformers_sample_frames(processor):
+    from transformers.video_utils import VideoMetadata
+
+    metadata = VideoMetadata(total_num_frames=30, fps=10)  # 3 s
+    assert len(processor.video_processor.sample_frames(metadata, fps=1.9)) == 5  # 5.7 frames: 5, not 6
+    assert len(processor.video_processor.sample_frames(metadata, fps=0.1)) == 1  # never none
+
+
+def test_a_video_block_may_list_its_frames(processor, tmp_path):
+    levels = [0, 60, 120, 180, 240]
+    paths = []
+    for index, level in enumerate(levels):
+        Image.new("RGB", (40, 30), (level,) * 3).save(tmp_path / f"frame{index}.png")
+        paths.append(str(tmp_path / f"frame{index}.png"))
+    as_frames = processor.apply_chat_template(chat({"type": "video", "video": paths}), tokenize=True, return_dict=True,
+                                              return_tensors="pt")["pixel_values_videos"]
+    stacked = np.stack([np.asarray(Image.open(path)) for path in paths])
+    as_array = processor.apply_chat_template(chat({"type": "video", "video": stacked}), tokenize=True, return_dict=True,
+                                             return_tensors="pt")["pixel_values_videos"]
+    assert as_frames.shape == (1, 4, 3, 32, 32) and torch.equal(as_frames, as_array)
+    Image.new("RGB", (20, 30)).save(tmp_path / "small.png")
+    with pytest.raises(ValueError, match="different sizes"):
+        processor.apply_chat_template(chat({"type": "video", "video": [paths[0], str(tmp_path / "small.png")]}),
+                                      tokenize=True)

@@ -43,7 +43,7 @@ def accepted_or_named(call, name: str):
        rate=st.sampled_from([8_000, 16_000, 48_000]))
 def test_audio_is_refused_by_name_or_gives_finite_deterministic_features(processor, waveform, rate):
     def features():
-        return processor(text="<audio>", audio=waveform, sampling_rate=rate)["input_features"]
+        return processor(text="<audio>", audio=waveform, sampling_rate=rate, return_tensors="pt")["input_features"]
 
     first = accepted_or_named(features, "audio")
     if first is not None:
@@ -55,9 +55,10 @@ def test_audio_is_refused_by_name_or_gives_finite_deterministic_features(process
                     st.tuples(st.integers(0, 40), st.integers(0, 40))
                     | st.tuples(st.integers(0, 40), st.integers(0, 40), st.sampled_from([1, 3, 4]))))
 def test_images_are_refused_by_name_or_give_finite_pixels_of_the_encoders_size(processor, image):
-    pixels = accepted_or_named(lambda: processor(text="<image>", images=image)["pixel_values"], "image")
+    pixels = accepted_or_named(lambda: processor(text="<image>", images=image, return_tensors="pt")["pixel_values"], "image")
     if pixels is not None:  # on CLIP's normalised scale, whatever the dtype: within (0 - mean) / std, (1 - mean) / std
-        assert pixels.shape == (1, 3, 32, 32) and pixels.isfinite().all() and pixels.abs().max() < 2.2
+        # (at most 2.15), widened by the overshoot of bicubic resizing at a 0-to-255 edge (up to 7%: 2.4)
+        assert pixels.shape == (1, 3, 32, 32) and pixels.isfinite().all() and pixels.abs().max() < 2.45
 
 
 @BOUNDED
@@ -65,7 +66,7 @@ def test_images_are_refused_by_name_or_give_finite_pixels_of_the_encoders_size(p
                         st.tuples(st.integers(0, 700)) | st.tuples(st.integers(0, 8), st.integers(0, 700))),
        rate=st.sampled_from([None, 50, 100, 200]))
 def test_imu_is_refused_by_name_or_gives_finite_windows(processor, recording, rate):
-    window = accepted_or_named(lambda: processor(text="<imu>", imu=recording, imu_sampling_rate=rate)["imu_values"],
+    window = accepted_or_named(lambda: processor(text="<imu>", imu=recording, imu_sampling_rate=rate, return_tensors="pt")["imu_values"],
                                "imu")
     if window is not None:
         assert window.shape == (1, 6, 1000) and window.isfinite().all()
@@ -97,7 +98,7 @@ def media_blocks(chat) -> dict[str, int]:
 @BOUNDED
 @given(chat=st.lists(MESSAGES, max_size=4))
 def test_chats_are_refused_by_name_or_give_one_run_per_media_block(processor, chat):
-    inputs = accepted_or_named(lambda: processor.apply_chat_template(chat, tokenize=True, return_dict=True),
+    inputs = accepted_or_named(lambda: processor.apply_chat_template(chat, tokenize=True, return_dict=True, return_tensors="pt"),
                                "" if not chat else "message")
     if inputs is not None:
         for name, count in media_blocks(chat).items():

@@ -153,7 +153,7 @@ def test_an_answer_that_turns_offensive_stops_at_the_first_check_after_the_offen
     offending = first_offensive_length(tokenizer, forced, profanity)
     stop = -(-offending // offline.check_every) * offline.check_every  # the first check that sees them
     inputs = processor.apply_chat_template(chat("Which digit?", card()), add_generation_prompt=True, tokenize=True,
-                                           return_dict=True)
+                                           return_dict=True, return_tensors="pt")
     prompt_length = inputs["input_ids"].shape[1]
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     guard = offline.output_guard(tokenizer, prompt_length, streamer)
@@ -196,7 +196,7 @@ def test_no_fragment_of_a_flagged_word_is_ever_streamed(model, processor):
     assert len(tokenizer(" fucking", add_special_tokens=False).input_ids) > 1  # the word takes several tokens
     checker = AnyMALSafetyChecker(output_text=lambda text: float("fuck" in text), check_every=1)  # every token
     inputs = processor.apply_chat_template(chat("Which digit?"), add_generation_prompt=True, tokenize=True,
-                                           return_dict=True)
+                                           return_dict=True, return_tensors="pt")
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     guard = checker.output_guard(tokenizer, inputs["input_ids"].shape[1], streamer)
     pieces = []

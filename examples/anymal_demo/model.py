@@ -104,7 +104,7 @@ def pretrain_language_model(model: AnyMALForConditionalGeneration, processor, te
 def encoder_inputs(processor, name: str, items: list, **block) -> torch.Tensor:
     """What the processor makes of `items` for `name`'s encoder (the same path chats take)."""
     chats = [[{"role": "user", "content": [{"type": name, name: item, **block}]}] for item in items]
-    inputs = processor.apply_chat_template(chats, tokenize=True, return_dict=True)
+    inputs = processor.apply_chat_template(chats, tokenize=True, return_dict=True, return_tensors="pt")
     return inputs[MODALITIES[name].input_name]
 
 

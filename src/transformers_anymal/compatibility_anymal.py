@@ -55,6 +55,9 @@ def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -
     """The key/value cache, passed to `forward` as `cache` (transformers >= 5.24) or `past_key_values` (5.23)."""
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("Pass the key/value cache once, as `cache` (or `past_key_values`, its name before 5.24).")
+    if past_key_values is not None and CACHE_NAME == "cache":  # as transformers' own models say it from 5.24 on
+        warnings.warn("`past_key_values` is deprecated for AnyMAL's forward and will be removed with transformers "
+                      "5.40, as in transformers' own models. Use `cache` instead.", FutureWarning, stacklevel=3)
     return cache if cache is not None else past_key_values
 
 

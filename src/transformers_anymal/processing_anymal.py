@@ -3,6 +3,7 @@
 import numbers
 import os
 import re
+from typing import TypedDict
 
 import jinja2
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 from transformers.audio_utils import load_audio
 from transformers.image_utils import load_image
-from transformers.processing_utils import MultiModalData
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, Unpack
 from transformers.utils import logging
 
 from .configuration_anymal import MODALITIES
@@ -102,6 +103,25 @@ def _checked_image(image):
     return image
 
 
+def _frames_of(images: list) -> np.ndarray:
+    """A clip given as its frames in order (image paths, URLs or PIL images), as the `(frames, height, width, 3)`
+    array the video processor samples from."""
+    if not images:
+        raise ValueError("the list of frames is empty")
+    frames = []
+    for index, image in enumerate(images):
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(os.fspath(image))
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"frame {index} is a {type(image).__name__}; give frames as image paths, URLs or PIL "
+                            "images, or the whole clip as one (frames, height, width, channels) array")
+        frames.append(np.asarray(_checked_image(image.convert("RGB"))))
+    if len({frame.shape for frame in frames}) > 1:
+        raise ValueError(f"the frames have different sizes {sorted({frame.shape[:2] for frame in frames})}; give "
+                         "frames of one size")
+    return np.stack(frames)
+
+
 def _pixels(values: np.ndarray) -> np.ndarray:
     """Image or frame values on the 0-255 scale of 8-bit images, which the image and video processors rescale by
     1/255: uint8 as it is, uint16 divided by 257 (65535 -> 255), other integers when they lie in 0-255, floats read
@@ -171,6 +191,27 @@ def _as_array(value) -> np.ndarray:
     return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
 
 
+class AnyMALIMUKwargs(TypedDict, total=False):
+    """Options of the IMU feature extractor, passed to the processor as `imu_kwargs={...}`."""
+
+    sampling_rate: int | None
+    channels_first: bool | None
+
+
+class AnyMALProcessorKwargs(ProcessingKwargs, total=False):
+    """The processor's keyword arguments, routed as in every transformers processor: `text_kwargs`, `images_kwargs`,
+    `videos_kwargs`, `audio_kwargs` and `imu_kwargs` sections, or flat keywords that go to every section that takes
+    them (`rescale_factor=` to images and videos, `padding=` to the tokenizer, `sampling_rate=` to audio)."""
+
+    imu_kwargs: AnyMALIMUKwargs
+    imu_sampling_rate: int | None  # flat form of imu_kwargs={"sampling_rate": ...}
+
+
+# options of every section that also name a CLAP feature-extractor option with another meaning (padding="repeatpad",
+# not True): the audio section takes them only from `audio_kwargs=` itself, never from a flat keyword meant for text
+_TEXT_OPTIONS_CLAP_READS_OTHERWISE = ("padding", "max_length", "truncation", "pad_to_multiple_of", "return_attention_mask")
+
+
 class AnyMALProcessor(ProcessorMixin):
     r"""
     Prepares inputs for [`AnyMALForConditionalGeneration`]: each placeholder (`<image>`, `<video>`, `<audio>`,
@@ -220,6 +261,11 @@ class AnyMALProcessor(ProcessorMixin):
             chat_template=chat_template if chat_template is not None else CHAT_TEMPLATE,
         )
 
+    valid_processor_kwargs = AnyMALProcessorKwargs
+    # defaults under everything else, the tokenizer's own init options included: a batch comes padded to its longest
+    text_kwargs = {"padding": True}
+    imu_kwargs = {}
+
     def __call__(
         self,
         text: str | list[str] | None = None,
@@ -227,10 +273,7 @@ class AnyMALProcessor(ProcessorMixin):
         videos=None,
         audio=None,
         imu=None,
-        sampling_rate: int | None = None,
-        imu_sampling_rate: int | None = None,
-        return_tensors="pt",
-        **kwargs,
+        **kwargs: Unpack[AnyMALProcessorKwargs],
     ) -> BatchFeature:
         """
         Args:
@@ -240,10 +283,12 @@ class AnyMALProcessor(ProcessorMixin):
             audio: waveforms (with `sampling_rate`), `{"array", "sampling_rate"}` dicts, or audio file paths.
             imu: `(channels, time)` or `(time, channels)` arrays (with `imu_sampling_rate`), dicts
                 `{"array"|"path", "sampling_rate"}`, or `.npy`/`.csv` paths.
-            sampling_rate: rate of the audio arrays, in Hz; they are resampled to the feature extractor's.
-            imu_sampling_rate: rate of the IMU arrays, in Hz.
-            kwargs: tokenizer options (`padding`, `padding_side`, `add_special_tokens`, ...) and video options
-                (`num_frames`, `fps`).
+            kwargs: as for every transformers processor ([`AnyMALProcessorKwargs`]): `return_tensors` (`"pt"`, `"np"`
+                or None for lists of token ids, media as tensors), tokenizer options (`padding`, `padding_side`,
+                `max_length`, ...), `sampling_rate` of the audio arrays (resampled to the feature extractor's),
+                `imu_sampling_rate` of the IMU arrays, video options (`num_frames`, `fps`), image and video options
+                (`rescale_factor`, `do_normalize`, ...), flat or in `text_kwargs`, `images_kwargs`, `videos_kwargs`,
+                `audio_kwargs` and `imu_kwargs`.
         """
         if text is None:
             raise ValueError("AnyMALProcessor needs `text`, with one placeholder such as <image> per item.")
@@ -256,12 +301,20 @@ class AnyMALProcessor(ProcessorMixin):
             except UnicodeEncodeError as error:  # a lone surrogate, e.g. from text decoded with errors="surrogateescape"
                 raise ValueError(f"text {index}: {sample[error.start:error.end]!r} at position {error.start} is not "
                                  "valid Unicode; decode the text with errors='replace' or drop it.") from error
-        given = {"image": images, "video": videos, "audio": audio, "imu": imu}
-        options = {"audio": {"sampling_rate": sampling_rate}, "imu": {"sampling_rate": imu_sampling_rate},
-                   "video": {key: kwargs.pop(key) for key in ("num_frames", "fps", "do_sample_frames") if key in kwargs}}
-        kwargs.pop("return_text_replacement_offsets", None)
-        return_offsets = kwargs.get("return_offsets_mapping", False)
+        options = self._merge_kwargs(AnyMALProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        options["audio_kwargs"] = {key: value for key, value in options["audio_kwargs"].items()
+                                   if key not in _TEXT_OPTIONS_CLAP_READS_OTHERWISE or key in kwargs.get("audio_kwargs", {})}
+        if (flat_rate := options.pop("imu_sampling_rate", None)) is not None:
+            if options["imu_kwargs"].get("sampling_rate", flat_rate) != flat_rate:
+                raise ValueError("imu_sampling_rate was passed two times: flat and in imu_kwargs; pass it once.")
+            options["imu_kwargs"]["sampling_rate"] = flat_rate
+        text_kwargs = options["text_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        text_kwargs.pop("return_text_replacement_offsets", None)
+        text_kwargs.pop("return_mm_token_type_ids", None)
+        return_offsets = text_kwargs.get("return_offsets_mapping", False)
 
+        given = {"image": images, "video": videos, "audio": audio, "imu": imu}
         data, encoder_features = {}, {}
         for name, items in given.items():
             items = self._match_items(name, items, [sample.count(MODALITIES[name].token) for sample in texts])
@@ -271,10 +324,10 @@ class AnyMALProcessor(ProcessorMixin):
             if any(cached):
                 encoder_features[name] = torch.stack([item.features for item in items])
             elif items:
-                data[MODALITIES[name].input_name] = self._process(name, items, **options.get(name, {}))
+                section = options[f"{ARGUMENTS[name]}_kwargs"]  # images_kwargs, videos_kwargs, audio_kwargs, imu_kwargs
+                data[MODALITIES[name].input_name] = self._process(name, items, **section)
         texts, offsets = self._expand_placeholders(texts)
-        kwargs.setdefault("padding", True)
-        text_inputs = self.tokenizer(texts, return_tensors=return_tensors, **kwargs)
+        text_inputs = self.tokenizer(texts, return_tensors=return_tensors, **text_kwargs)
         output = BatchFeature({**text_inputs, **data}, tensor_type=return_tensors)
         if return_offsets:  # apply_chat_template realigns the assistant mask with them
             output["text_replacement_offsets"] = offsets
@@ -325,10 +378,13 @@ class AnyMALProcessor(ProcessorMixin):
         return list(items)
 
     def _process(self, name: str, items: list, **options):
+        """`items` of modality `name` through its sub-processor with the options of its kwargs section, stacked into
+        one tensor (the model takes fixed-size items)."""
+        options = {**options, "return_tensors": "pt"}
         if name == "image":
             images = [self._load(name, index, load_image, os.fspath(item)) if isinstance(item, (str, os.PathLike))
                       else self._load(name, index, _checked_image, item) for index, item in enumerate(items)]
-            return self.image_processor(images, return_tensors="pt")["pixel_values"]
+            return self.image_processor(images, **options)["pixel_values"]
         if name == "video":
             for index, item in enumerate(items):
                 if hasattr(item, "ndim") and len(item) == 0:
@@ -336,16 +392,15 @@ class AnyMALProcessor(ProcessorMixin):
             videos = [self._load(name, index, _pixels, _as_array(item)) if hasattr(item, "ndim") else os.fspath(item)
                       for index, item in enumerate(items)]
             try:
-                return self.video_processor(videos, return_tensors="pt", **options)["pixel_values_videos"]
+                return self.video_processor(videos, **options)["pixel_values_videos"]
             except Exception as error:
                 raise ValueError(f"video: cannot decode {videos if len(videos) > 1 else videos[0]!r}: {error}") from error
         if name == "audio":
-            waveforms = [self._load(name, index, self._waveform, item, options["sampling_rate"])
-                         for index, item in enumerate(items)]
-            features = self.feature_extractor(waveforms, sampling_rate=self.feature_extractor.sampling_rate,
-                                              return_tensors="pt")
+            sampling_rate = options.pop("sampling_rate", None)
+            waveforms = [self._load(name, index, self._waveform, item, sampling_rate) for index, item in enumerate(items)]
+            features = self.feature_extractor(waveforms, **options, sampling_rate=self.feature_extractor.sampling_rate)
             return features["input_features"]
-        return self.imu_feature_extractor(items, sampling_rate=options["sampling_rate"], return_tensors="pt")["imu_values"]
+        return self.imu_feature_extractor(items, **options)["imu_values"]
 
     @staticmethod
     def _load(name: str, index: int, loader, *args):
@@ -461,6 +516,8 @@ class AnyMALProcessor(ProcessorMixin):
                     if len(values) != 1:
                         raise ValueError(f"{where}: a {block_type} block needs exactly one of {BLOCK_KEYS[block_type]}.")
                     item = values[0]
+                    if block_type == "video" and isinstance(item, (list, tuple)):  # the clip's frames, in order
+                        item = self._load("video", len(found["video"]), _frames_of, item)
                     if block_type in ("audio", "imu") and not isinstance(item, (str, os.PathLike, dict, EncoderFeatures)):
                         if "sampling_rate" not in block:
                             raise ValueError(f"{where}: a {block_type} array needs 'sampling_rate' in its block.")

@@ -35,7 +35,7 @@ class AnyMALVideoProcessor(BaseVideoProcessor):
         if not total:
             raise ValueError("the video has no frames")
         if fps is not None and metadata.fps:  # frames per second of video instead of a fixed count
-            num_frames = max(1, round(total / metadata.fps * fps))
+            num_frames = max(1, int(total / metadata.fps * fps))  # truncated, as transformers samples
         # the middle of each of num_frames equal stretches of the clip
         return ((np.arange(num_frames) + 0.5) * total / num_frames).astype(int)
 
