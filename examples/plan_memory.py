@@ -20,12 +20,11 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-from peft import get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForMultimodalLM
 from trl import ModelConfig
 
-from transformers_anymal.training_anymal import lora_config, projector_tuning_config
+from transformers_anymal.training_anymal import lora_config, peft_model, projector_tuning_config
 
 
 GIB = 2**30
@@ -101,9 +100,9 @@ def build_training_model(config, stage: str, dtype: torch.dtype, quantized: bool
     language_model = stage == "sft" and not use_peft
     model.set_trainable(language_model=language_model, encoders=False, projectors=True)
     if stage == "align" and quantized:  # align.py: the projectors train as PEFT's LN-tuning copies
-        return get_peft_model(model, projector_tuning_config(model))
+        return peft_model(model, projector_tuning_config(model))
     if stage == "sft" and use_peft:  # sft.py: LoRA on the language model, the projectors as modules_to_save
-        return get_peft_model(model, lora_config(model, ModelConfig(lora_r=lora_r)))
+        return peft_model(model, lora_config(model, ModelConfig(lora_r=lora_r)))
     return model
 
 

@@ -28,7 +28,7 @@ def test_example_scripts_document_their_options():
         "plan_memory.py": ["--config", "--stage", "--dtype", "--load_in_4bit", "--load_in_8bit", "--use_bnb_nested_quant",
                            "--no_peft", "--lora_r", "--per_device_train_batch_size", "--sequence_length",
                            "--gradient_checkpointing", "--gpu_memory_gib"],
-        "evaluate.py": ["--model_name_or_path", "--dataset_name", "--split", "--output_dir", "--batch_size",
+        "eval_anymal.py": ["--model_name_or_path", "--dataset_name", "--split", "--output_dir", "--batch_size",
                         "--max_new_tokens", "--group_by", "--zero_inputs", "--device"],
     }
     for script, names in options.items():
@@ -49,7 +49,7 @@ print("heavy imports:", sorted(name for name in ("torch", "transformers", "datas
 
 
 def test_help_of_the_inference_scripts_answers_before_importing_torch():
-    for script in ("demo.py", "evaluate.py", "cache_features.py"):
+    for script in ("demo.py", "eval_anymal.py", "cache_features.py"):
         output = run_python("-c", QUICK_HELP, EXAMPLES / script, cwd=TINY.parents[1], timeout=300).stdout
         assert "usage:" in output and output.rstrip().endswith("heavy imports: []"), (script, output[-300:])
 
@@ -70,7 +70,7 @@ def test_evaluate_writes_a_report_per_group(tmp_path):
     tiny_model().save_pretrained(tmp_path / "model")
     AutoProcessor.from_pretrained(TINY).save_pretrained(tmp_path / "model")
     data = make_chat_dataset(tmp_path / "data", rows=8)
-    run("evaluate.py", "--model_name_or_path", tmp_path / "model", "--dataset_name", data, "--dataset_from_disk",
+    run("eval_anymal.py", "--model_name_or_path", tmp_path / "model", "--dataset_name", data, "--dataset_from_disk",
         "--split", "train", "--output_dir", tmp_path / "eval", "--imu_sampling_rate", "100", "--max_new_tokens", "3",
         "--batch_size", "3", "--group_by", "kind")
     report = json.loads((tmp_path / "eval" / "report.json").read_text())

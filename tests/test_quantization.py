@@ -90,3 +90,21 @@ def test_a_quantizer_that_cannot_skip_modules_is_refused(checkpoint):
     with pytest.raises(ValueError, match="GPTQConfig cannot leave modules unquantized, so it would quantize AnyMAL's "
                                          "encoders and projectors too"):
         AutoModelForMultimodalLM.from_pretrained(checkpoint, quantization_config=GPTQConfig(bits=4))
+
+
+def test_projector_tuning_changes_no_global_warning_filter_and_wraps_projectors_quietly(checkpoint):
+    import warnings
+
+    from transformers_anymal.training_anymal import peft_model, projector_tuning_config
+
+    model = AutoModelForMultimodalLM.from_pretrained(checkpoint, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    filters = list(warnings.filters)
+    config = projector_tuning_config(model)
+    assert warnings.filters == filters  # a helper that builds a config leaves the process's warning filters alone
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = peft_model(model, config)
+    assert not [warning for warning in caught if "Unsupported layer type" in str(warning.message)]
+    assert warnings.filters == filters
+    trainable = {name.split(".modules_to_save")[0] for name, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable and all(".projectors." in name for name in trainable)

@@ -5,7 +5,7 @@
 3. features: `examples/cache_features.py` runs the frozen encoders over the training data once;
 4. stage 1, alignment: `examples/align.py` trains only the projectors, on captions;
 5. stage 2, instruction tuning: `examples/sft.py` trains LoRA adapters and the projectors, on questions, and merges;
-6. evaluation: `examples/evaluate.py` on held-out data, again with every modality input zeroed (the ablation);
+6. evaluation: `examples/eval_anymal.py` on held-out data, again with every modality input zeroed (the ablation);
    `report.json` and a table; the final checkpoint answers through `pipeline("any-to-text")`.
 Steps 3-6 run the same scripts, with the options printed, that scale to anymal-70b (see the README).
 """
@@ -57,7 +57,7 @@ def run_demo(output_dir: str = "outputs/anymal-demo", seed: int = 0, verbose: bo
 def run_steps(out: Path, seed: int) -> dict:
     import align
     import cache_features
-    import evaluate
+    import eval_anymal
     import sft
 
     start = time.time()
@@ -117,9 +117,9 @@ def run_steps(out: Path, seed: int) -> dict:
     evaluation = ["--model_name_or_path", str(final), "--dataset_name", str(out / "data" / "heldout"),
                   "--dataset_from_disk", "--group_by", "kind", "--batch_size", "64", "--max_new_tokens", "12",
                   "--imu_sampling_rate", str(IMU_SAMPLING_RATE)]
-    answers = evaluate.main([*evaluation, "--split", "test", "--output_dir", str(out / "eval")])
-    ablation = evaluate.main([*evaluation, "--split", "test", "--zero_inputs", "--output_dir", str(out / "eval-ablation")])
-    captions = evaluate.main([*evaluation, "--split", "test_captions", "--output_dir", str(out / "eval-captions")])
+    answers = eval_anymal.main([*evaluation, "--split", "test", "--output_dir", str(out / "eval")])
+    ablation = eval_anymal.main([*evaluation, "--split", "test", "--zero_inputs", "--output_dir", str(out / "eval-ablation")])
+    captions = eval_anymal.main([*evaluation, "--split", "test_captions", "--output_dir", str(out / "eval-captions")])
     report = {
         "heldout_accuracy": {kind: answers["by_kind"][kind]["exact_match"] for kind in KINDS},
         "ablation_accuracy": {kind: ablation["by_kind"][kind]["exact_match"] for kind in KINDS},

@@ -4,6 +4,7 @@ stages. Not part of the model's code, so checkpoints loaded with `trust_remote_c
 import argparse
 import hashlib
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, **kwarg
     if not getattr(model, "is_quantized", False):
         return SFTTrainer(model=model, peft_config=peft_config, **kwargs)
     if peft_config is not None:
-        model = get_peft_model(model, peft_config)
+        model = peft_model(model, peft_config)
     loaded = {name: parameter.detach().to("cpu", copy=True)  # off the GPU: the projectors of 70B hold 0.7B weights
               for name, parameter in model.named_parameters() if parameter.requires_grad}
     trainer = SFTTrainer(model=model, **kwargs)
@@ -156,8 +157,22 @@ def projector_tuning_config(model: AnyMALForConditionalGeneration) -> LNTuningCo
     The Trainer refuses to train a quantized model without PEFT adapters; PEFT's LN-tuning trains full copies of the
     modules it targets, which for the projectors is exactly the alignment stage, and merges them back.
     """
-    warnings.filterwarnings("ignore", message="Unsupported layer type .*AnyMAL", category=UserWarning)
     return LNTuningConfig(target_modules=_projector_names(model))
+
+
+@contextmanager
+def _projectors_wrapped_whole():
+    """Silences, inside the block only, PEFT's "Unsupported layer type" warning for each AnyMAL projector that
+    LN-tuning wraps as a whole module, which is what the alignment stage wants."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type .*AnyMAL", category=UserWarning)
+        yield
+
+
+def peft_model(model: nn.Module, peft_config: PeftConfig):
+    """`get_peft_model(model, peft_config)` without a warning per projector (see `_projectors_wrapped_whole`)."""
+    with _projectors_wrapped_whole():
+        return get_peft_model(model, peft_config)
 
 
 def lora_config(model: AnyMALForConditionalGeneration, model_args: ModelConfig) -> LoraConfig:
@@ -179,7 +194,8 @@ def _projector_names(model) -> list[str]:
 
 def save_merged(model_args: ModelConfig, adapter_dir: str, output_dir: str, processor) -> None:
     """Applies the trained adapters to the full-precision base and writes a plain checkpoint."""
-    merged = PeftModel.from_pretrained(load_base_model(model_args), adapter_dir).merge_and_unload()
+    with _projectors_wrapped_whole():
+        merged = PeftModel.from_pretrained(load_base_model(model_args), adapter_dir).merge_and_unload()
     merged.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
 

@@ -1,6 +1,6 @@
 """Evaluates an AnyMAL checkpoint on a dataset of chats with batched greedy generation and writes a JSON report.
 
-    python examples/evaluate.py --model_name_or_path anymal-sft --dataset_name my/mm-eval --split test \\
+    python examples/eval_anymal.py --model_name_or_path anymal-sft --dataset_name my/mm-eval --split test \\
         --output_dir eval [--dataset_from_disk] [--batch_size 8] [--max_new_tokens 32] [--imu_sampling_rate 100]
 
 Rows are chats as for training (see AnyMALDataCollator): the final assistant turn is the reference, which the model
