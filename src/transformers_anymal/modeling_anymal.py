@@ -1,10 +1,6 @@
 """AnyMAL: pretrained modality encoders whose outputs projectors turn into token embeddings of a pretrained LLM."""
 
-import copy
-import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +8,6 @@ from torch import nn
 from transformers import (
     MODEL_MAPPING,
     AutoModel,
-    BitsAndBytesConfig,
     ClapAudioModel,
     GenerationConfig,
     GenerationMixin,
@@ -23,7 +18,6 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.quantizers import AutoQuantizationConfig
 from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple, logging
 
 from .compatibility_anymal import (
@@ -33,23 +27,13 @@ from .compatibility_anymal import (
     resolve_cache_argument,
 )
 from .configuration_anymal import MODALITIES, AnyMALConfig, AnyMALIMUConfig
-from .modelcard_anymal import anymal_model_card
+from .freezing_anymal import AnyMALFreezingMixin
+from .publishing_anymal import AnyMALPublishingMixin
+from .quantization_anymal import AnyMALQuantizationMixin
 
 
 logger = logging.get_logger(__name__)
 
-# written into pushed configs, so that only transformers and `trust_remote_code=True` are needed to load them
-AUTO_MAP = {
-    "AutoConfig": "configuration_anymal.AnyMALConfig",
-    "AutoModel": "modeling_anymal.AnyMALModel",
-    "AutoModelForImageTextToText": "modeling_anymal.AnyMALForConditionalGeneration",
-    "AutoModelForMultimodalLM": "modeling_anymal.AnyMALForConditionalGeneration",
-}
-CUSTOM_PIPELINES = {
-    "any-to-text": {"impl": "pipeline_anymal.AnyToTextPipeline", "pt": ["AutoModelForMultimodalLM"], "tf": [],
-                    "type": "multimodal"},
-}
-PIPELINE_FILES = ("pipeline_anymal.py", "safety_anymal.py")  # the pipeline and its own import, copied beside the model
 
 
 # Built on transformers' own output classes (see compatibility_anymal), so their fields and names follow the
@@ -304,25 +288,8 @@ FORWARD_ARGUMENTS = r"""
 """
 
 
-def skip_in_quantization(quantization_config, patterns: list[str]):
-    """A copy of `quantization_config` that also leaves the modules matching `patterns` unquantized: its
-    `llm_int8_skip_modules` (bitsandbytes) or `modules_to_not_convert` (the other quantizers) extended."""
-    if isinstance(quantization_config, dict):
-        quantization_config = AutoQuantizationConfig.from_dict(quantization_config)
-    field = "llm_int8_skip_modules" if isinstance(quantization_config, BitsAndBytesConfig) else "modules_to_not_convert"
-    if not hasattr(quantization_config, field):
-        raise ValueError(
-            f"{type(quantization_config).__name__} cannot leave modules unquantized, so it would quantize AnyMAL's "
-            "encoders and projectors too; quantize the language model with BitsAndBytesConfig(load_in_4bit=True) "
-            "(or 8-bit), or another config that has `modules_to_not_convert`."
-        )
-    quantization_config = copy.deepcopy(quantization_config)
-    setattr(quantization_config, field, list(dict.fromkeys((getattr(quantization_config, field) or []) + patterns)))
-    return quantization_config
-
-
 @auto_docstring
-class AnyMALPreTrainedModel(PreTrainedModel):
+class AnyMALPreTrainedModel(AnyMALFreezingMixin, AnyMALQuantizationMixin, AnyMALPublishingMixin, PreTrainedModel):
     config: AnyMALConfig
     base_model_prefix = "model"
     input_modalities = ("text", *dict.fromkeys(spec.input_modality for spec in MODALITIES.values()))
@@ -334,8 +301,6 @@ class AnyMALPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    # kept out of quantization (see from_pretrained): only the language model is quantized
-    _modules_not_to_quantize = [r"(model\.)?encoders", r"(model\.)?projectors", "lm_head"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -344,14 +309,6 @@ class AnyMALPreTrainedModel(PreTrainedModel):
             if module.frame_embeddings is not None:  # as large as the latents, so frame order is visible from the start
                 init.normal_(module.frame_embeddings, std=1.0)
 
-    @classmethod
-    def from_pretrained(cls, *args, quantization_config=None, **kwargs):
-        """As [`PreTrainedModel.from_pretrained`]; a `quantization_config` quantizes only the language model, and an
-        `attn_implementation` string applies to each sub-model that supports it (the others use "eager")."""
-        if quantization_config is not None:
-            quantization_config = skip_in_quantization(quantization_config, cls._modules_not_to_quantize)
-        return super().from_pretrained(*args, quantization_config=quantization_config, **kwargs)
-
     def set_attn_implementation(self, attn_implementation: str | dict, **kwargs):
         """As [`PreTrainedModel.set_attn_implementation`]; a string applies to each sub-model that supports it, the
         others use "eager"."""
@@ -359,65 +316,6 @@ class AnyMALPreTrainedModel(PreTrainedModel):
             attn_implementation = {"": attn_implementation, **attention_per_sub_model(self.config, attn_implementation)}
         return super().set_attn_implementation(attn_implementation, **kwargs)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        if self._auto_class is not None:  # transformers copies this module and its imports; add the pipeline's
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
-            for name in PIPELINE_FILES:
-                if (source := Path(__file__).with_name(name)).exists():
-                    os.makedirs(save_directory, exist_ok=True)
-                    shutil.copy(source, save_directory)
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
-    def push_to_hub(self, repo_id: str, *args, datasets: list[str] | None = None,
-                    training_stages: list[str] | None = None, **kwargs):
-        """As [`PreTrainedModel.push_to_hub`], plus the any-to-text pipeline and a model card naming the modalities,
-        their encoders and token budgets, and the training `datasets` and `training_stages` when given."""
-        # only pushed configs name the pipeline: for a local checkpoint, pipeline() would then ask for
-        # trust_remote_code instead of using the registered one
-        self.config.custom_pipelines = CUSTOM_PIPELINES
-        try:
-            commit = super().push_to_hub(repo_id, *args, **kwargs)
-        finally:
-            del self.config.custom_pipelines
-        repo_id = commit.repo_url.repo_id
-        card = anymal_model_card(self.config, repo_id, datasets, training_stages)
-        card.push_to_hub(repo_id, token=kwargs.get("token"), commit_message="Add AnyMAL model card")
-        return commit
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for encoder in self.base_model.encoders.values():
-            if not any(parameter.requires_grad for parameter in encoder.parameters()):
-                encoder.eval()  # a frozen encoder stays frozen: no BatchNorm statistics updates, no dropout
-        return self
-
-    def set_trainable(
-        self,
-        language_model: bool = False,
-        encoders: bool | list[str] = False,
-        projectors: bool | list[str] = True,
-    ) -> dict[str, int]:
-        """Freezes or unfreezes the model by part and returns the trainable parameter count of each part.
-
-        `encoders` and `projectors` take `True`/`False` for all of them or a list of modality names. The defaults
-        are the paper's alignment stage: only the projectors train.
-        """
-        base = self.base_model
-        parts = {"language_model": ([base.language_model, getattr(self, "lm_head", None)], language_model)}
-        for kind, chosen, modules in (("encoders", encoders, base.encoders), ("projectors", projectors, base.projectors)):
-            if not isinstance(chosen, bool) and (unknown := set(chosen) - set(base.config.modalities)):
-                raise ValueError(f"set_trainable({kind}=...): no modality {sorted(unknown)} in {base.config.modalities}.")
-            for name, module in modules.items():  # a shared encoder (video's) trains if any of its modalities does
-                users = [n for n in base.config.modalities if (kind == "projectors" and n == name)
-                         or (kind == "encoders" and base.modality_encoder(n) is module)]
-                parts[f"{kind}.{name}"] = ([module], chosen if isinstance(chosen, bool) else bool(set(users) & set(chosen)))
-        for modules, trainable in parts.values():
-            for module in filter(None, modules):
-                module.requires_grad_(trainable)
-        return {
-            part: sum(p.numel() for m in filter(None, modules) for p in m.parameters() if p.requires_grad)
-            for part, (modules, _) in parts.items()
-        }
 
 
 @auto_docstring(custom_intro="AnyMAL without a language modeling head: encoders, projectors and the language model.")
