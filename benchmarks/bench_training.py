@@ -55,7 +55,7 @@ def stage1(kind: str, model, processor, device, batch_size: int, repeats: int) -
     inputs = collator(raw)
     values = inputs[MODALITIES[kind].input_name].to(device)
     with torch.no_grad():
-        features = model.model.encode(kind, values).cpu()
+        features = model.model.get_encoder_features(kind, values).cpu()
     cached = [{"messages": row["messages"], f"{kind}_features": [item]} for row, item in zip(raw, features)]
     model.set_trainable(projectors=[kind])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -66,7 +66,7 @@ def stage1(kind: str, model, processor, device, batch_size: int, repeats: int) -
 
     def encode():
         with torch.no_grad():
-            model.model.encode(kind, values)
+            model.model.get_encoder_features(kind, values)
 
     encoders = median_seconds(encode, device, repeats)
     return {

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None):
         features = {}
         for name in names:  # the batch's items come in row order; each row gets its own back
             values = inputs.get(MODALITIES[name].input_name)
-            items = iter([] if values is None else model.model.encode(name, values.to(args.device)).cpu().numpy())
+            items = iter([] if values is None else model.model.get_encoder_features(name, values.to(args.device)).cpu().numpy())
             counts = [sum(block.get("type") == name for message in chat if isinstance(message["content"], list)
                           for block in message["content"]) for chat in chats]
             features[f"{name}_features"] = [[next(items).astype(args.dtype) for _ in range(count)] for count in counts]
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None):
 
 
 def feature_type(name: str, dtype: str):
-    """A list (one entry per item) of what `encode` gives per item: a vector for linear projectors, a sequence of
+    """A list (one entry per item) of what `get_encoder_features` gives per item: a vector for linear projectors, a sequence of
     vectors for Perceiver ones, one sequence per frame for video. Declared up front, since a row without items of a
     modality would otherwise fix the column's type."""
     from datasets import List, Value

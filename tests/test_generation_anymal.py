@@ -204,3 +204,23 @@ def test_generate_takes_precomputed_embeddings_or_media_not_both():
     prompt_embeds = model.get_input_embeddings()(inputs["input_ids"])
     with pytest.raises(ValueError, match=r"Pass either prompt_embeds or media inputs"):
         model(**inputs, prompt_embeds=prompt_embeds)
+
+
+@pytest.mark.parametrize("media_again", [False, True])
+def test_generation_continues_from_a_cache_without_the_media_it_holds(media_again):
+    # transformers' test_generate_continue_from_past_key_values: the continuation gets the whole sequence and the
+    # cache; media already in the cache need not be passed again (when they are, they are not encoded twice)
+    model = tiny_model()
+    inputs = make_inputs(model.config, [["text", "image", "text", "audio"], ["imu", "text", "video", "text"]])
+    whole = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    media = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
+    attention_mask = torch.cat([inputs["attention_mask"], torch.ones_like(first.sequences[:, inputs["input_ids"].shape[1]:])], 1)
+    encoded = []
+    hook = model.model.encoders["image"].register_forward_hook(lambda *args: encoded.append(1))
+    continued = model.generate(input_ids=first.sequences, attention_mask=attention_mask,
+                               **{CACHE_NAME: getattr(first, CACHE_NAME)}, **(media if media_again else {}),
+                               max_new_tokens=1, do_sample=False)
+    hook.remove()
+    assert torch.equal(continued, whole)
+    assert not encoded  # the cached image is not encoded again

@@ -120,7 +120,7 @@ def test_precomputed_encoder_features_match_on_the_fly():
     inputs = make_inputs(model.config, [ALL, ["image", "text", "audio"]])
     names = {"pixel_values": "image", "pixel_values_videos": "video", "input_features": "audio", "imu_values": "imu"}
     with torch.no_grad():
-        cached = {name: model.model.encode(name, inputs.pop(key)) for key, name in names.items()}
+        cached = {name: model.model.get_encoder_features(name, inputs.pop(key)) for key, name in names.items()}
     text_only = dict(inputs)
     on_the_fly = make_inputs(model.config, [ALL, ["image", "text", "audio"]])
     assert torch.allclose(model(**text_only, encoder_features=cached).logits, model(**on_the_fly).logits, atol=1e-6)
@@ -132,7 +132,7 @@ def test_projector_gets_gradients_from_cached_features():
     model = tiny_model()
     model.set_trainable()  # alignment stage: projectors only
     inputs = make_inputs(model.config, [["image", "text"]])
-    cached = {"image": model.model.encode("image", inputs.pop("pixel_values")).detach()}
+    cached = {"image": model.model.get_encoder_features("image", inputs.pop("pixel_values")).detach()}
     model(**inputs, encoder_features=cached, labels=inputs["input_ids"]).loss.backward()
     assert model.model.projectors["image"].latents.grad is not None
 

@@ -51,6 +51,6 @@ def test_the_image_encoder_gives_the_pretrained_features(built):
     clip = CLIPVisionModel.from_pretrained(CHECKPOINTS["image"]).eval()
     with torch.no_grad():
         expected = clip(pixel_values=inputs["pixel_values"]).last_hidden_state
-        assert torch.allclose(model.model.encode("image", inputs["pixel_values"]), expected, atol=1e-5)
+        assert torch.allclose(model.model.get_encoder_features("image", inputs["pixel_values"]), expected, atol=1e-5)
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1]

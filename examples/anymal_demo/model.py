@@ -144,7 +144,7 @@ def pretrain_encoder(model: AnyMALForConditionalGeneration, name: str, inputs: d
 
 def pooled(model, name: str, values: torch.Tensor) -> torch.Tensor:
     """The encoder's output averaged over everything but items and channels."""
-    features = model.model.encode(name, values)
+    features = model.model.get_encoder_features(name, values)
     return features.mean(dim=tuple(range(1, features.ndim - 1))) if features.ndim > 2 else features
 
 

@@ -30,7 +30,7 @@ class ModalitySpec:
 
     @property
     def feature_rank(self) -> int:
-        """Dimensions of one item's encoder features (what `AnyMALModel.encode` gives per item, and cached
+        """Dimensions of one item's encoder features (what `AnyMALModel.get_encoder_features` gives per item, and cached
         `encoder_features` hold): a vector for a linear projector, a sequence of them for a Perceiver one, and one
         such per frame for items with frames."""
         return 1 + (self.projector == "perceiver") + self.has_frames

@@ -276,7 +276,7 @@ FORWARD_ARGUMENTS = r"""
     cache (`Cache`, *optional*):
         The language model's key/value cache (the name transformers >= 5.24 passes it under).
     encoder_features (`dict[str, torch.Tensor]`, *optional*):
-        Per modality, outputs of the frozen encoder computed earlier with [`~AnyMALModel.encode`]; the encoder
+        Per modality, outputs of the frozen encoder computed earlier with [`~AnyMALModel.get_encoder_features`]; the encoder
         is skipped and only the projector runs (feature caching for alignment training).
     mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
         Per modality, projected tokens in `pooler_output`, `(num_items, num_tokens, hidden_size)`.
@@ -340,8 +340,9 @@ class AnyMALModel(AnyMALPreTrainedModel):
     def modality_encoder(self, name: str) -> nn.Module:
         return self.encoders[name] if name in self.encoders else self.encoders[MODALITIES[name].shares_encoder_with]
 
-    def encode(self, name: str, values: torch.Tensor) -> torch.Tensor:
-        """Runs the frozen encoder of `name`; the result is what feature caching stores and `encoder_features` takes.
+    def get_encoder_features(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """Runs the frozen encoder of `name`, without its projector ([`~AnyMALModel.get_modality_features`] runs both);
+        the result is what feature caching stores and `forward`'s `encoder_features` takes.
 
         Perceiver modalities give the encoder's sequence, `(num_items, seq, hidden)` (video:
         `(num_items, frames, seq, hidden)`); linear ones its pooled output, `(num_items, hidden)`.
@@ -357,14 +358,14 @@ class AnyMALModel(AnyMALPreTrainedModel):
         self, name: str, values: torch.Tensor | None = None, encoder_features: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Encodes and projects items of modality `name`, or only projects `encoder_features` computed earlier by
-        [`~AnyMALModel.encode`]. Returns `(num_items, num_tokens, hidden_size)`."""
+        [`~AnyMALModel.get_encoder_features`]. Returns `(num_items, num_tokens, hidden_size)`."""
         if name not in self.config.modalities:
             raise ValueError(
                 f"This model has no {name} modality (it takes {self.config.modalities}); drop the "
                 f"{MODALITIES[name].input_name} input or use a checkpoint whose config sets {name}_config."
             )
         if encoder_features is None:
-            encoder_features = self.encode(name, values)
+            encoder_features = self.get_encoder_features(name, values)
         else:
             self._check_encoder_features(name, encoder_features)
         return self.projectors[name](encoder_features)
@@ -376,7 +377,7 @@ class AnyMALModel(AnyMALPreTrainedModel):
             layout = "(items, " + "frames, " * spec.has_frames + "sequence, " * (spec.projector == "perceiver")
             raise ValueError(
                 f"encoder_features[{name!r}] has shape {shape} but this model's {name} projector takes "
-                f"{layout}{width}), what AnyMALModel.encode gives; cache features with this model's encoders."
+                f"{layout}{width}), what AnyMALModel.get_encoder_features gives; cache features with this model's encoders."
             )
 
     def _check_modality_values(self, name: str, values):
@@ -407,10 +408,11 @@ class AnyMALModel(AnyMALPreTrainedModel):
                 f"interpolate missing sensor readings) or drop those items."
             )
 
-    def placeholder_mask(
+    def placeholder_positions(
         self, name: str, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor
     ) -> torch.BoolTensor:
-        """`(batch, seq)` mask of the placeholder tokens of modality `name`."""
+        """`(batch, seq)`: where modality `name`'s placeholder tokens are. [`~AnyMALModel.get_placeholder_mask`]
+        (transformers' name) expands them to the embeddings' shape after checking them against the items."""
         token_id = getattr(self.config, f"{name}_token_id")
         if input_ids is not None:
             return input_ids == token_id
@@ -421,7 +423,7 @@ class AnyMALModel(AnyMALPreTrainedModel):
         self, name: str, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, features: torch.Tensor
     ) -> torch.BoolTensor:
         """Mask for `inputs_embeds.masked_scatter`; checks that the placeholders and the items' tokens match."""
-        mask = self.placeholder_mask(name, input_ids, inputs_embeds)
+        mask = self.placeholder_positions(name, input_ids, inputs_embeds)
         num_tokens, num_placeholders = self.config.num_tokens[name], int(mask.sum())
         if num_placeholders != features.shape[0]:
             token = MODALITIES[name].token
@@ -672,14 +674,37 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
         if input_ids is not None or inputs_embeds is not None:  # the prompt, checked and embedded once, media in place
             if inputs_embeds is None:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
-            kwargs["prompt_embeds"], _ = self.model.embed_modalities(
-                input_ids, inputs_embeds, media, encoder_features, mm_encoder_outputs
+            cache = kwargs.get(CACHE_NAME) if kwargs.get(CACHE_NAME) is not None else kwargs.get("past_key_values")
+            cached = int(cache.get_seq_length()) if isinstance(cache, Cache) else 0
+            if cached and input_ids is not None:  # a continued generation: the cache already holds the media it saw
+                media, encoder_features = (
+                    {name: items for name, values in given.items()
+                     if len(items := self._items_after(name, input_ids, cached, values))}
+                    for given in (media, encoder_features or {})
+                )
+            new_embeds, _ = self.model.embed_modalities(
+                input_ids[:, cached:] if input_ids is not None else None, inputs_embeds[:, cached:], media,
+                encoder_features, mm_encoder_outputs,
             )
+            kwargs["prompt_embeds"] = torch.cat([inputs_embeds[:, :cached], new_embeds], dim=1)
         placeholder_ids = {getattr(self.config, f"{name}_token_id") for name in self.config.modalities}
         suppressed = kwargs.get("suppress_tokens") or (generation_config or self.generation_config).suppress_tokens
         if placeholder_ids:  # added to the user's own suppressed tokens, wherever those were given
             kwargs["suppress_tokens"] = sorted(placeholder_ids | set(suppressed or []))
         return super().generate(inputs, generation_config, *args, **kwargs)
+
+    def _items_after(self, name: str, input_ids: torch.LongTensor, cached: int, values: torch.Tensor) -> torch.Tensor:
+        """The items of `name` whose placeholders come after the first `cached` positions: all of `values` when it
+        holds only those, the later ones of each sample when it holds the whole prompt's (media passed again)."""
+        placeholders = input_ids == getattr(self.config, f"{name}_token_id")
+        per_sample = placeholders.sum(1) // self.config.num_tokens[name]
+        in_cache = placeholders[:, :cached].sum(1) // self.config.num_tokens[name]
+        if values.shape[0] != int(per_sample.sum()) or not in_cache.any():
+            return values
+        starts = per_sample.cumsum(0) - per_sample
+        keep = torch.cat([torch.arange(int(start + skip), int(start + count))
+                          for start, skip, count in zip(starts, in_cache, per_sample)])
+        return values[keep.to(values.device)]
 
     def prepare_inputs_for_generation(
         self, input_ids, *args, inputs_embeds=None, is_first_iteration: bool | None = False, **kwargs
