@@ -1,7 +1,9 @@
 """Runs a script in a child process for a test; when it fails or hangs, the test's message shows the child's own
 error (the end of its stderr and stdout), not just an exit status."""
 
+import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -16,14 +18,21 @@ def tail(stream: str | bytes | None) -> str:
 
 
 def run(command: list, *, check: bool = True, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    """`subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)`; with `check`, a non-zero
-    exit fails the test with the child's output."""
+    """`subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)`, with the child in a
+    process group of its own that a timeout kills whole; with `check`, a non-zero exit fails the test with the
+    child's output."""
     command = [str(part) for part in command]
+    # its own process group, so that a timeout ends the workers a launcher (torchrun, accelerate) started too
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, **kwargs)
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
-    except subprocess.TimeoutExpired as error:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
         raise AssertionError(f"`{shlex.join(command)}` ran past {timeout:g} s.\n--- stderr (end) ---\n"
-                             f"{tail(error.stderr)}\n--- stdout (end) ---\n{tail(error.stdout)}") from None
+                             f"{tail(stderr)}\n--- stdout (end) ---\n{tail(stdout)}") from None
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"`{shlex.join(command)}` exited with {result.returncode}.\n--- stderr (end) ---\n"
                              f"{tail(result.stderr)}\n--- stdout (end) ---\n{tail(result.stdout)}")
