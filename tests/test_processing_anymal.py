@@ -571,3 +571,35 @@ def test_a_video_block_may_list_its_frames(processor, tmp_path):
     with pytest.raises(ValueError, match="different sizes"):
         processor.apply_chat_template(chat({"type": "video", "video": [paths[0], str(tmp_path / "small.png")]}),
                                       tokenize=True)
+
+
+def image_only_processor(folder) -> AnyMALProcessor:
+    """anymal-tiny's processor whose tokenizer holds only the <image> placeholder, as an image-only checkpoint's."""
+    import json
+    import shutil
+
+    shutil.copytree(TINY, folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["added_tokens"] = [token for token in tokenizer["added_tokens"]
+                                 if token["content"] not in ("<video>", "<audio>", "<imu>")]
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["extra_special_tokens"] = ["<image>"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return AutoProcessor.from_pretrained(folder)
+
+
+def test_a_tokenizer_with_some_placeholders_serves_those_modalities(tmp_path, media, processor):
+    image_only = image_only_processor(tmp_path / "image-only")
+    assert image_only.modalities == ["image"] and image_only.audio_token_id is None
+    inputs = image_only.apply_chat_template(chat({"type": "image", "path": media["image"]}), tokenize=True,
+                                            return_dict=True, return_tensors="pt")
+    full = processor.apply_chat_template(chat({"type": "image", "path": media["image"]}), tokenize=True,
+                                         return_dict=True, return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], full["input_ids"]) and torch.equal(inputs["pixel_values"], full["pixel_values"])
+    plain = image_only(text="say <audio> aloud", return_tensors="pt")["input_ids"][0].tolist()
+    assert processor.audio_token_id not in plain  # without its placeholder token, "<audio>" is plain text
+    with pytest.raises(ValueError, match=r"has no <audio> placeholder: the checkpoint takes image, not audio"):
+        image_only(text="hello", audio=np.zeros(16000, np.float32), sampling_rate=16000)
+    with pytest.raises(ValueError, match=r"block 0: an item of audio, but this processor's tokenizer has no <audio>"):
+        image_only.apply_chat_template(chat({"type": "audio", "path": media["audio"]}), tokenize=True)

@@ -53,7 +53,7 @@ class AnyMALDataCollator:
         except (ValueError, TypeError) as error:  # the processor numbers the batch's rows as its conversations
             raise type(error)(f"{error} (in a batch of {len(rows)} rows: conversation N is row N)") from error
         answers = batch.pop("assistant_masks").bool() & batch["attention_mask"].bool()
-        for name in ARGUMENTS:  # a media block inside an answer is input, not something to predict
+        for name in self.processor.modalities:  # a media block inside an answer is input, not something to predict
             answers &= batch["input_ids"] != getattr(self.processor, f"{name}_token_id")
         batch["labels"] = batch["input_ids"].masked_fill(~answers, -100)
         if not (nothing_to_learn := ~answers.any(1)).any():

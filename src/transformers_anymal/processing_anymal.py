@@ -245,17 +245,21 @@ class AnyMALProcessor(ProcessorMixin):
     ):
         self.num_tokens = {name: spec.num_tokens for name, spec in MODALITIES.items() if name in ARGUMENTS}
         self.num_tokens.update(num_tokens or {})
+        # a checkpoint takes the modalities whose placeholders its tokenizer holds (an image-only one holds <image>)
+        self.modalities = []
         for name in ARGUMENTS:
             token = MODALITIES[name].token
             token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is None or token_id == tokenizer.unk_token_id:
-                raise ValueError(
-                    f"The tokenizer has no {token} token; add it with "
-                    f"tokenizer.add_special_tokens({{'additional_special_tokens': [{token!r}]}}) and resize the "
-                    f"model's embeddings."
-                )
-            setattr(self, f"{name}_token", token)  # transformers' pipelines read image_token, audio_token, ...
-            setattr(self, f"{name}_token_id", token_id)
+            present = token_id is not None and token_id != tokenizer.unk_token_id
+            self.modalities += [name] * present
+            setattr(self, f"{name}_token", token if present else None)  # transformers' pipelines read image_token, ...
+            setattr(self, f"{name}_token_id", token_id if present else None)
+        if not self.modalities:
+            tokens = [MODALITIES[name].token for name in ARGUMENTS]
+            raise ValueError(
+                f"The tokenizer has none of the placeholders {tokens}; add those of the model's modalities with "
+                f"tokenizer.add_special_tokens({{'additional_special_tokens': [...]}}) and resize the model's embeddings."
+            )
         super().__init__(
             image_processor, video_processor, feature_extractor, imu_feature_extractor, tokenizer,
             chat_template=chat_template if chat_template is not None else CHAT_TEMPLATE,
@@ -338,6 +342,12 @@ class AnyMALProcessor(ProcessorMixin):
     def _match_items(self, name: str, items, counts: list[int]) -> list:
         """Flattens `items` in placeholder order after checking them against the placeholders of every sample."""
         argument, token = ARGUMENTS[name], MODALITIES[name].token
+        if name not in self.modalities:  # without its placeholder token, "<audio>" in a text is plain text
+            if items is not None and not (isinstance(items, (list, tuple)) and not any(
+                    item is not None and (not isinstance(item, (list, tuple)) or item) for item in items)):
+                raise ValueError(f"{argument} were given, but this processor's tokenizer has no {token} placeholder: "
+                                 f"the checkpoint takes {', '.join(self.modalities)}, not {name}.")
+            return []
         if items is None or (isinstance(items, (list, tuple)) and not any(
                 item is not None and (not isinstance(item, (list, tuple)) or item) for item in items)):
             if any(counts):
@@ -450,7 +460,7 @@ class AnyMALProcessor(ProcessorMixin):
 
     def _expand_placeholders(self, texts: list[str]) -> tuple[list[str], list[list[dict]]]:
         """Replaces each placeholder with its run of tokens; the offsets say where each run went."""
-        tokens = {MODALITIES[name].token: name for name in ARGUMENTS}
+        tokens = {MODALITIES[name].token: name for name in self.modalities}
         pattern = re.compile("|".join(re.escape(token) for token in tokens))
         expanded, offsets = [], []
         for text in texts:
@@ -511,6 +521,10 @@ class AnyMALProcessor(ProcessorMixin):
                         raise ValueError(
                             f"{where}: unknown content type {block_type!r}; use one of text, {', '.join(ARGUMENTS)}."
                         )
+                    if block_type not in self.modalities:
+                        raise ValueError(f"{where}: an item of {block_type}, but this processor's tokenizer has no "
+                                         f"{MODALITIES[block_type].token} placeholder: the checkpoint takes "
+                                         f"{', '.join(self.modalities)}, not {block_type}.")
                     # keys holding None are absent (datasets gives every row of a column of blocks every key)
                     values = [block[key] for key in BLOCK_KEYS[block_type] if block.get(key) is not None]
                     if len(values) != 1:
@@ -533,10 +547,9 @@ class AnyMALProcessor(ProcessorMixin):
         imu = collected["imu"] if any(collected["imu"]) else None
         return collected["image"], collected["video"], audio if any(audio) else [], {"imu": imu}
 
-    @staticmethod
-    def _refuse_placeholders(text: str, where: str):
+    def _refuse_placeholders(self, text: str, where: str):
         """In a chat, only media blocks make media slots: a placeholder typed in the text would take an item's place."""
-        typed = [MODALITIES[name].token for name in ARGUMENTS if MODALITIES[name].token in text]
+        typed = [MODALITIES[name].token for name in self.modalities if MODALITIES[name].token in text]
         if typed:
             raise ValueError(f"{where}: the text holds {typed[0]}, the placeholder of a media slot, which text cannot "
                              f"make; give the item as a {{'type': '{typed[0][1:-1]}', ...}} block, or write the text "
