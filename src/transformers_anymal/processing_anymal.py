@@ -227,7 +227,8 @@ class AnyMALProcessor(ProcessorMixin):
         video_processor ([`AnyMALVideoProcessor`]): samples and preprocesses video frames.
         feature_extractor ([`ClapFeatureExtractor`]): turns audio into CLAP's log-mel features.
         imu_feature_extractor ([`AnyMALIMUFeatureExtractor`]): resamples, normalises and windows IMU recordings.
-        tokenizer ([`PreTrainedTokenizerFast`]): must hold the four placeholders as added tokens.
+        tokenizer ([`PreTrainedTokenizerFast`]): holds, as added tokens, the placeholders of the modalities the
+            checkpoint takes (`processor.modalities`); items of the others are refused by name.
         chat_template (`str`, *optional*): Jinja template; Llama-2-chat style by default.
         num_tokens (`dict[str, int]`, *optional*): placeholder tokens per item, as `AnyMALConfig.num_tokens`.
     """
