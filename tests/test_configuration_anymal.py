@@ -58,7 +58,7 @@ def test_strict_types_are_enforced():
         ({"video_token_id": 5}, "needs video_config or image_config"),
         ({"imu_config": {}, "imu_token_id": 10**6}, "outside the language model's vocabulary"),
         ({"imu_config": {}, "imu_token_id": 5, "image_config": {}, "image_token_id": 5}, "both 5"),
-        ({"num_tokens": {"smell": 4}}, "unknown modalities"),
+        ({"num_tokens": {"smell": 4}}, r"does not know: \[.smell.\].*register_modality\(.smell., ModalitySpec"),
         ({"image_config": {"model_type": "convnext"}, "image_token_id": 5}, r"image encoder \(convnext\) has no integer hidden_size"),
     ],
 )

@@ -198,7 +198,11 @@ class AnyMALConfig(PreTrainedConfig):
     def _validate_modalities(self):
         unknown = set(self.num_tokens or {}) - set(MODALITIES)
         if unknown:
-            raise ValueError(f"num_tokens names unknown modalities {sorted(unknown)}; known: {list(MODALITIES)}.")
+            raise ValueError(
+                f"num_tokens names modalities this process does not know: {sorted(unknown)} (known: "
+                f"{list(MODALITIES)}). A checkpoint with an added modality loads after the same "
+                f"`register_modality({sorted(unknown)[0]!r}, ModalitySpec(...))` that built it has run; run it first."
+            )
         token_ids = {}
         for name, spec in MODALITIES.items():
             token_id = getattr(self, f"{name}_token_id", None)
