@@ -291,13 +291,15 @@ def test_blocks_with_keys_holding_none_as_datasets_writes_them(processor):
     assert torch.equal(padded["pixel_values"], plain["pixel_values"])
 
 
-def test_tokenizer_without_a_placeholder_is_rejected(processor):
+def test_tokenizer_without_any_placeholder_is_rejected(processor):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    state = processor.tokenizer.backend_tokenizer.to_str().replace("<imu>", "<other>")
+    state = processor.tokenizer.backend_tokenizer.to_str()
+    for name in ("image", "video", "audio", "imu"):
+        state = state.replace(f"<{name}>", f"<other {name}>")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(state), unk_token="<unk>")
-    with pytest.raises(ValueError, match=r"The tokenizer has no <imu> token; add it with"):
+    with pytest.raises(ValueError, match=r"The tokenizer has none of the placeholders .*add those of the model's"):
         AnyMALProcessor(processor.image_processor, processor.video_processor, processor.feature_extractor,
                         processor.imu_feature_extractor, tokenizer)
 
