@@ -253,7 +253,7 @@ def attention_per_sub_model(config: AnyMALConfig, requested: str | None = None) 
         if not supported:
             fell_back.append(f"{key} ({model_class.__name__}) does not support {wanted!r}")
     if fell_back:
-        logger.warning_once(f"{'; '.join(fell_back)}: it uses 'eager' attention, the other sub-models what was asked for.")
+        logger.warning_once(f"{'; '.join(fell_back)}: these use 'eager' attention, the other sub-models what was asked for.")
     return implementations
 
 
@@ -476,7 +476,8 @@ class AnyMALModel(AnyMALPreTrainedModel):
                 features = self.get_modality_features(name, modality_values.get(name), encoder_features.get(name))
                 projected[name] = features
                 features = features.flatten(0, 1)
-            elif name in self.config.modalities and input_ids is not None and (input_ids == getattr(self.config, f"{name}_token_id")).any():
+            elif (name in self.config.modalities and input_ids is not None  # ids only: decoding steps pass embeddings
+                  and self.placeholder_positions(name, input_ids, inputs_embeds).any()):
                 raise ValueError(
                     f"The text has {spec.token} placeholder tokens but no {name} input was given; pass "
                     f"{spec.input_name} (or remove the placeholders)."
@@ -696,7 +697,7 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
     def _items_after(self, name: str, input_ids: torch.LongTensor, cached: int, values: torch.Tensor) -> torch.Tensor:
         """The items of `name` whose placeholders come after the first `cached` positions: all of `values` when it
         holds only those, the later ones of each sample when it holds the whole prompt's (media passed again)."""
-        placeholders = input_ids == getattr(self.config, f"{name}_token_id")
+        placeholders = self.model.placeholder_positions(name, input_ids, None)
         per_sample = placeholders.sum(1) // self.config.num_tokens[name]
         in_cache = placeholders[:, :cached].sum(1) // self.config.num_tokens[name]
         if values.shape[0] != int(per_sample.sum()) or not in_cache.any():

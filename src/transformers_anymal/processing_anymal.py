@@ -343,14 +343,14 @@ class AnyMALProcessor(ProcessorMixin):
     def _match_items(self, name: str, items, counts: list[int]) -> list:
         """Flattens `items` in placeholder order after checking them against the placeholders of every sample."""
         argument, token = ARGUMENTS[name], MODALITIES[name].token
+        none_given = items is None or (isinstance(items, (list, tuple)) and not any(
+            item is not None and (not isinstance(item, (list, tuple)) or item) for item in items))
         if name not in self.modalities:  # without its placeholder token, "<audio>" in a text is plain text
-            if items is not None and not (isinstance(items, (list, tuple)) and not any(
-                    item is not None and (not isinstance(item, (list, tuple)) or item) for item in items)):
+            if not none_given:
                 raise ValueError(f"{argument} were given, but this processor's tokenizer has no {token} placeholder: "
                                  f"the checkpoint takes {', '.join(self.modalities)}, not {name}.")
             return []
-        if items is None or (isinstance(items, (list, tuple)) and not any(
-                item is not None and (not isinstance(item, (list, tuple)) or item) for item in items)):
+        if none_given:
             if any(counts):
                 sample = next(i for i, count in enumerate(counts) if count)
                 raise ValueError(f"sample {sample} has {counts[sample]} {token} placeholder(s) but no {argument} were given.")
