@@ -2,6 +2,7 @@
 (`tests/test_modeling_common.py`, `tests/generation/test_utils.py` of a transformers source distribution)."""
 
 import os
+import re
 import sys
 from pathlib import Path
 from unittest import mock
@@ -185,10 +186,12 @@ def test_tensor_parallel_loading_shards_the_language_model_and_gives_the_same_lo
     script.write_text(TENSOR_PARALLEL)
     result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                   script, checkpoint], timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
-    lines = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(lines) == 2, result.stdout
-    for fields in lines:
-        values = dict(field.split("=") for field in fields)
+    # the two ranks share one stdout, where their lines can run together: read each rank's fields by pattern
+    ranks = re.findall(r"RESULT tp_size=(\d+) lm_head_rows=(\d+) vocab=(\d+) difference=([0-9.]+(?:e-?\d+)?)",
+                       result.stdout)
+    assert len(ranks) == 2, result.stdout
+    for fields in ranks:
+        values = dict(zip(("tp_size", "lm_head_rows", "vocab", "difference"), fields))
         assert values["tp_size"] == "2"
         assert int(values["lm_head_rows"]) * 2 == int(values["vocab"])
         assert float(values["difference"]) < 1e-5
