@@ -36,7 +36,7 @@ def main(script_args, training_args, model_args):
         training_args.push_to_hub = False
 
     dataset = load_dataset_dict(script_args.dataset_name, script_args.dataset_from_disk, script_args.dataset_config)
-    collator = AnyMALDataCollator(processor, imu_sampling_rate=script_args.imu_sampling_rate)
+    collator = AnyMALDataCollator(processor, sampling_rates=script_args.sampling_rates)
     collator.check_dataset(dataset[script_args.dataset_train_split], model.config.modalities, name="train split")
 
     trainer = sft_trainer(

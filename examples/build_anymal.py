@@ -35,7 +35,7 @@ from transformers_anymal import (
     AnyMALVideoProcessor,
 )
 from transformers_anymal.modeling_anymal import build_projector, encoder_class
-from transformers_anymal.processing_anymal import CHAT_TEMPLATE, CHATML_TEMPLATE
+from transformers_anymal.processing_anymal import chatml_chat_template, llama2_chat_template
 
 
 SETTINGS = ("num_tokens", "num_frames", "resampler_depth", "resampler_num_heads", "resampler_head_dim")
@@ -97,7 +97,7 @@ def main(argv=None):
         raise SystemExit("Give at least one of --image_encoder, --audio_encoder, --imu_encoder.")
 
     tokenizer = AutoTokenizer.from_pretrained(args.llm)
-    tokenizer.add_special_tokens({"additional_special_tokens": [spec.token for spec in MODALITIES.values()]})
+    tokenizer.add_special_tokens({"additional_special_tokens": [MODALITIES[name].token for name in modalities]})
     if tokenizer.pad_token is None:  # Llama-2 has none; batched generation pads on the left
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -132,7 +132,7 @@ def main(argv=None):
         feature_extractor=_audio_feature_extractor(args.audio_encoder, config),
         imu_feature_extractor=_imu_feature_extractor(args.imu_encoder, config),
         tokenizer=tokenizer,
-        chat_template=_chat_template(args.chat_template, tokenizer),
+        chat_template=_chat_template(args.chat_template, tokenizer, modalities),
         num_tokens=config.num_tokens,
     )
     model.save_pretrained(args.output_dir)
@@ -182,12 +182,12 @@ def _imu_feature_extractor(path, config: AnyMALConfig) -> AnyMALIMUFeatureExtrac
                                      window_length=config.imu_config.window_length)
 
 
-def _chat_template(choice: str, tokenizer) -> str:
-    """The processor's template: media blocks rendered as placeholders, the rest in the LLM's format."""
+def _chat_template(choice: str, tokenizer, modalities: list[str]) -> str:
+    """The processor's template: media blocks of `modalities` rendered as placeholders, the rest in the LLM's format."""
     if choice == "auto":
         choice = "chatml" if "<|im_start|>" in (tokenizer.chat_template or "") else "llama2"
     if choice in ("llama2", "chatml"):
-        return CHAT_TEMPLATE if choice == "llama2" else CHATML_TEMPLATE
+        return (llama2_chat_template if choice == "llama2" else chatml_chat_template)(modalities)
     return Path(choice).read_text()
 
 

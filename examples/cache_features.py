@@ -31,14 +31,14 @@ def main(argv: list[str] | None = None):
     from transformers import AutoModelForMultimodalLM, AutoProcessor
 
     from transformers_anymal import MODALITIES, AnyMALDataCollator
-    from transformers_anymal.collator_anymal import COLUMNS
+    from transformers_anymal.collator_anymal import media_columns
     from transformers_anymal.training_anymal import load_dataset_dict
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     model = AutoModelForMultimodalLM.from_pretrained(args.model_name_or_path).to(args.device).eval()
-    collator = AnyMALDataCollator(processor, imu_sampling_rate=args.imu_sampling_rate)
+    collator = AnyMALDataCollator(processor, sampling_rates={"imu": args.imu_sampling_rate} if args.imu_sampling_rate else {})
     dataset = load_dataset_dict(args.dataset_name, args.dataset_from_disk, args.dataset_config)
     names = model.config.modalities
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None):
         return features
 
     for split, rows in dataset.items():
-        media = [column for name in names for column in COLUMNS[name] if column in rows.column_names]
+        media = [column for name in names for column in media_columns(name) if column in rows.column_names]
         features = Features({**{column: kind for column, kind in rows.features.items() if column not in media},
                              **{f"{name}_features": feature_type(name, args.dtype) for name in names}})
         dataset[split] = rows.map(encode, with_indices=True, batched=True, batch_size=args.batch_size,

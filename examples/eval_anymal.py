@@ -55,7 +55,7 @@ def main(argv=None):
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     model = AutoModelForMultimodalLM.from_pretrained(args.model_name_or_path).to(args.device).eval()
-    collator = AnyMALDataCollator(processor, imu_sampling_rate=args.imu_sampling_rate)
+    collator = AnyMALDataCollator(processor, sampling_rates={"imu": args.imu_sampling_rate} if args.imu_sampling_rate else {})
     dataset = load_dataset_dict(args.dataset_name, args.dataset_from_disk, args.dataset_config)[args.split]
     collator.check_dataset(dataset, model.config.modalities, name=f"{args.split} split")
 

@@ -48,7 +48,7 @@ def main(script_args, training_args, model_args):
     model.set_trainable(language_model=not model_args.use_peft, encoders=False, projectors=True)
 
     dataset = load_dataset_dict(script_args.dataset_name, script_args.dataset_from_disk, script_args.dataset_config)
-    collator = AnyMALDataCollator(processor, imu_sampling_rate=script_args.imu_sampling_rate)
+    collator = AnyMALDataCollator(processor, sampling_rates=script_args.sampling_rates)
     splits = {"train": script_args.dataset_train_split}
     if training_args.eval_strategy != "no":
         splits["eval"] = script_args.dataset_test_split

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from transformers_anymal import AnyMALDataCollator, AnyMALIMUConfig, AnyMALIMUEncoder, AnyMALIMUFeatureExtractor
-from transformers_anymal.processing_anymal import CHAT_TEMPLATE, CHATML_TEMPLATE
+from transformers_anymal.processing_anymal import chatml_chat_template, llama2_chat_template
 
 from anymal_tester import TINY
 from child_process import run_python
@@ -116,7 +116,8 @@ def test_the_chat_template_follows_the_llms_format(parts):
     root = parts["root"]
     build("--llm", root / "chatml-llm", "--imu_encoder", root / "imu", "--output_dir", root / "chatml")
     processor = AutoProcessor.from_pretrained(root / "chatml")
-    assert processor.chat_template == CHATML_TEMPLATE
+    assert processor.modalities == ["imu"]  # the tokenizer holds the placeholders of the model's modalities only
+    assert processor.chat_template == chatml_chat_template(["imu"])
     chat = [{"role": "user", "content": [{"type": "imu", "imu": np.random.randn(6, 400), "sampling_rate": 100},
                                          {"type": "text", "text": "what is the person doing ?"}]},
             {"role": "assistant", "content": [{"type": "text", "text": "running"}]}]
@@ -129,7 +130,7 @@ def test_the_chat_template_follows_the_llms_format(parts):
     assert processor.tokenizer.convert_ids_to_tokens(answer) == ["running", "<|im_end|>"]  # the answer and its end
 
     build("--llm", root / "llm", "--imu_encoder", root / "imu", "--output_dir", root / "llama2")
-    assert AutoProcessor.from_pretrained(root / "llama2").chat_template == CHAT_TEMPLATE
+    assert AutoProcessor.from_pretrained(root / "llama2").chat_template == llama2_chat_template(["imu"])
 
 
 def test_the_imu_encoders_own_feature_extractor_is_kept(parts):

@@ -11,7 +11,7 @@ from anymal_tester import ANSWERS, TINY, make_chat_dataset
 
 @pytest.fixture(scope="module")
 def collator():
-    return AnyMALDataCollator(AutoProcessor.from_pretrained(TINY), imu_sampling_rate=100)
+    return AnyMALDataCollator(AutoProcessor.from_pretrained(TINY), sampling_rates={"imu": 100})
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_bare_blocks_with_keys_holding_none_take_the_columns_item(collator):
 def test_missing_imu_rate_is_named():
     collator = AnyMALDataCollator(AutoProcessor.from_pretrained(TINY))
     row = {"messages": [{"role": "user", "content": [{"type": "imu"}]}], "imu": np.zeros((6, 300))}
-    with pytest.raises(ValueError, match="row 0: no IMU sampling rate; add an `imu_sampling_rate` column"):
+    with pytest.raises(ValueError, match="row 0: no imu sampling rate; add a `imu_sampling_rate` column"):
         collator([row])
 
 

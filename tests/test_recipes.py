@@ -103,7 +103,7 @@ def test_alignment_on_cached_encoder_features(setup, tmp_path):
     raw, cached = load_from_disk(setup["data"])["train"], load_from_disk(tmp_path / "features")["train"]
     assert "images" not in cached.column_names and "image_features" in cached.column_names
     model = AutoModelForMultimodalLM.from_pretrained(setup["base"]).eval()
-    collator = AnyMALDataCollator(AutoProcessor.from_pretrained(setup["base"]), imu_sampling_rate=100)
+    collator = AnyMALDataCollator(AutoProcessor.from_pretrained(setup["base"]), sampling_rates={"imu": 100})
     on_the_fly, from_cache = collator([raw[i] for i in range(8)]), collator([cached[i] for i in range(8)])
     assert "encoder_features" in from_cache and "pixel_values" not in from_cache
     assert torch.equal(on_the_fly["labels"], from_cache["labels"])

@@ -163,7 +163,7 @@ def pipeline_answer(checkpoint: Path, test) -> str:
 
     row = next(row for row in test if row["kind"] == "pair")
     generator = pipeline("any-to-text", model=str(checkpoint))
-    chat = AnyMALDataCollator(generator.processor, imu_sampling_rate=IMU_SAMPLING_RATE).chat(row)
+    chat = AnyMALDataCollator(generator.processor, sampling_rates={"imu": IMU_SAMPLING_RATE}).chat(row)
     output = generator(chat[:-1], max_new_tokens=12, return_full_text=False)[0]["generated_text"]
     question = chat[0]["content"][-1]["text"]
     return f"{question!r} -> {output.strip()!r} (reference {chat[-1]['content'][0]['text']!r})"

@@ -16,7 +16,14 @@ from transformers import (
 )
 
 from .collator_anymal import AnyMALDataCollator
-from .configuration_anymal import MODALITIES, AnyMALConfig, AnyMALIMUConfig, ModalitySpec, register_modality
+from .configuration_anymal import (
+    MODALITIES,
+    AnyMALConfig,
+    AnyMALIMUConfig,
+    ModalitySpec,
+    register_modality,
+    unregister_modality,
+)
 from .feature_extraction_anymal import AnyMALIMUFeatureExtractor
 from .modeling_anymal import (
     AnyMALForConditionalGeneration,
@@ -85,4 +92,5 @@ __all__ = [
     "ProfanityCheck",
     "SafetyVerdict",
     "register_modality",
+    "unregister_modality",
 ]

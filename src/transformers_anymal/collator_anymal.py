@@ -1,17 +1,18 @@
 """AnyMALDataCollator: chat rows with media of any modality in, padded model inputs with answer-only labels out."""
 
-import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from .processing_anymal import ARGUMENTS, BLOCK_KEYS, AnyMALProcessor, EncoderFeatures
+from .configuration_anymal import MODALITIES
+from .media_anymal import MEDIA_KINDS
+from .processing_anymal import AnyMALProcessor, EncoderFeatures
 
 
-# dataset columns that hold the items of bare blocks such as {"type": "image"}: a list per row (TRL's `images`)
-# under the plural name, one item per row under the singular
-COLUMNS = {name: (f"{name}s", name) for name in ARGUMENTS}
+def media_columns(name: str) -> tuple[str, str]:
+    """Dataset columns that hold the items of bare blocks such as {"type": "image"}: a list per row (TRL's `images`)
+    under the plural name, one item per row under the singular."""
+    return f"{name}s", name
 
 
 @dataclass
@@ -21,9 +22,10 @@ class AnyMALDataCollator:
 
     A row holds a chat, as `messages` or as `prompt` + `completion` (TRL's conversational format). Media blocks carry
     their item (`{"type": "image", "image": ...}`) or are bare (`{"type": "image"}`) and take the row's next item
-    from its media columns: `images`, `videos`, `audios`, `imus` hold a list per row, `image`, `video`, `audio`, `imu`
-    one item per row. Audio may be arrays with a `sampling_rate`, datasets `Audio` values or paths; IMU recordings take their rate from the block, the row's
-    `imu_sampling_rate` column or `imu_sampling_rate` here. Rows in a batch may carry different modalities.
+    from its media columns: `images`, `videos`, `audios`, `imus` (`<modality>s`) hold a list per row, `image`, `video`,
+    `audio`, `imu` one item per row. Audio may be arrays with a `sampling_rate`, datasets `Audio` values or paths;
+    recordings whose files do not say their rate (IMU) take it from the block, the row's `<modality>_sampling_rate`
+    column or `sampling_rates` here. Rows in a batch may carry different modalities.
 
     Rows written by `examples/cache_features.py` hold each item's frozen-encoder features in `<modality>_features`
     columns instead of media; their batches carry `encoder_features` and the encoders do not run.
@@ -33,12 +35,13 @@ class AnyMALDataCollator:
 
     Args:
         processor ([`AnyMALProcessor`]): the model's processor.
-        imu_sampling_rate (`int`, *optional*): rate of IMU columns whose rows don't say.
+        sampling_rates (`dict[str, int]`, *optional*): rate by modality of the recordings whose rows don't say, e.g.
+            `{"imu": 100}`.
         padding_side (`str`, *optional*, defaults to `"right"`): training pads on the right.
     """
 
     processor: AnyMALProcessor
-    imu_sampling_rate: int | None = None
+    sampling_rates: dict[str, int] = field(default_factory=dict)
     padding_side: str = "right"
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -71,11 +74,11 @@ class AnyMALDataCollator:
             messages = list(row["prompt"]) + list(row["completion"])
         else:
             raise ValueError(f"row {index}: no `messages` (or `prompt` + `completion`) column; got {sorted(row)}.")
-        columns = {name: next((column for column in COLUMNS[name] if row.get(column) is not None), None)
-                   for name in ARGUMENTS}
+        columns = {name: next((column for column in media_columns(name) if row.get(column) is not None), None)
+                   for name in MODALITIES}
         remaining = {name: ([row[column]] if column == name else list(row[column])) if column else []
                      for name, column in columns.items()}
-        cached = {name: list(row[f"{name}_features"]) for name in ARGUMENTS if row.get(f"{name}_features") is not None}
+        cached = {name: list(row[f"{name}_features"]) for name in MODALITIES if row.get(f"{name}_features") is not None}
         chat = []
         for message_index, message in enumerate(messages):
             if not isinstance(message, dict) or "content" not in message:
@@ -111,32 +114,37 @@ class AnyMALDataCollator:
 
     def _fill(self, block: dict, remaining: dict, columns: dict, row: dict, index: int, decode: bool) -> dict:
         name = block.get("type")
-        if name not in ARGUMENTS:
+        if name not in MODALITIES:
             return block
-        if any(block.get(key) is not None for key in BLOCK_KEYS[name]):  # keys holding None, as datasets gives them
-            item = block.get(BLOCK_KEYS[name][0])
+        kind = MEDIA_KINDS[MODALITIES[name].input_modality]
+        keys = (name, *kind.block_sources)
+        if any(block.get(key) is not None for key in keys):  # keys holding None, as datasets gives them
+            item = block.get(name)
         elif remaining[name]:
             item = remaining[name].pop(0)
         else:
-            column = columns[name] or f"`{'`/`'.join(COLUMNS[name])}`"
+            column = columns[name] or f"`{'`/`'.join(media_columns(name))}`"
             raise ValueError(
                 f"row {index}: a bare {{'type': '{name}'}} block has no item left in column {column}; give each "
                 f"{name} block an item there (or inline, as {{'type': '{name}', '{name}': ...}})."
             )
         block = dict(block)
-        if item is not None:
-            block.pop("url", None), block.pop("path", None)
-            block[name] = _decoded(name, item) if decode else item
-            if name == "audio" and isinstance(block[name], dict) and "array" in block[name]:
-                block.update(audio=block[name]["array"], sampling_rate=block[name]["sampling_rate"])
-            if name == "imu" and "sampling_rate" not in block:
-                rate = row.get("imu_sampling_rate", self.imu_sampling_rate)
-                if rate is None:
-                    raise ValueError(
-                        f"row {index}: no IMU sampling rate; add an `imu_sampling_rate` column, put `sampling_rate` "
-                        f"in the block, or pass AnyMALDataCollator(imu_sampling_rate=...)."
-                    )
-                block["sampling_rate"] = rate
+        if item is None:
+            return block
+        for key in kind.block_sources:
+            block.pop(key, None)
+        block[name] = kind.decoded(item) if decode else item
+        if isinstance(block[name], dict) and "array" in block[name] and "sampling_rate" in block[name]:
+            block.update({name: block[name]["array"], "sampling_rate": block[name]["sampling_rate"]})
+        says_rate = isinstance(block[name], dict) or kind.files_carry_rate and not hasattr(block[name], "ndim")
+        if kind.timed and not says_rate and "sampling_rate" not in block:
+            rate = row.get(f"{name}_sampling_rate", self.sampling_rates.get(name))
+            if rate is None:
+                raise ValueError(
+                    f"row {index}: no {name} sampling rate; add a `{name}_sampling_rate` column, put `sampling_rate` "
+                    f"in the block, or pass AnyMALDataCollator(sampling_rates={{{name!r}: ...}})."
+                )
+            block["sampling_rate"] = rate
         return block
 
     def check_dataset(self, dataset, modalities: list[str], name: str = "dataset"):
@@ -145,40 +153,12 @@ class AnyMALDataCollator:
         for index, row in enumerate(dataset):
             chat = self.chat(row, index, decode=False)
             used = {block["type"] for message in chat if isinstance(message["content"], list)
-                    for block in message["content"] if block.get("type") in ARGUMENTS}
+                    for block in message["content"] if block.get("type") in MODALITIES}
             if missing := sorted(used - set(modalities)):
                 raise ValueError(
                     f"{name} row {index} uses {', '.join(missing)} but the model takes only {modalities}; drop those "
                     f"rows or use a model with {' and '.join(f'{m}_config' for m in missing)}."
                 )
-
-
-def _decoded(name: str, item):
-    """Media as the processor takes them, from what datasets' Audio/Image/Video features yield."""
-    if name == "audio":
-        if hasattr(item, "get_all_samples"):  # a torchcodec AudioDecoder (datasets `Audio` column)
-            samples = item.get_all_samples()
-            return {"array": samples.data.mean(0).numpy(), "sampling_rate": samples.sample_rate}
-        if isinstance(item, dict) and item.get("array") is None and item.get("bytes"):  # Audio(decode=False)
-            import soundfile
-
-            array, rate = soundfile.read(io.BytesIO(item["bytes"]), dtype="float32", always_2d=True)
-            return {"array": array.mean(1), "sampling_rate": rate}
-        if isinstance(item, dict) and item.get("array") is None and item.get("path"):
-            return item["path"]
-    if name == "image" and isinstance(item, dict) and item.get("bytes"):  # Image(decode=False)
-        from PIL import Image
-
-        return Image.open(io.BytesIO(item["bytes"]))
-    if name in ("image", "video") and isinstance(item, dict) and item.get("path"):
-        return item["path"]
-    if name == "audio" and isinstance(item, dict) and isinstance(item.get("array"), list):  # a plain struct column
-        return {"array": np.asarray(item["array"], dtype=np.float32), "sampling_rate": item["sampling_rate"]}
-    if name == "video" and isinstance(item, list):  # frames stored as nested lists: (frames, height, width, 3)
-        return np.asarray(item, dtype=np.uint8)
-    if name == "imu" and isinstance(item, list):
-        return np.asarray(item, dtype=np.float64)
-    return item
 
 
 __all__ = ["AnyMALDataCollator"]

@@ -1,6 +1,7 @@
 """AnyMAL configuration: the modality table, the IMU encoder's config and the composite model config."""
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 # first, so that an unsupported transformers is named before an import below fails on it
@@ -16,7 +17,7 @@ from transformers.utils import auto_docstring
 
 @dataclass(frozen=True)
 class ModalitySpec:
-    """Everything the model, processor and tests need to know about one modality."""
+    """Everything the model, the processor, the chat template and the collator need to know about one modality."""
 
     token: str  # placeholder the processor expands, e.g. "<audio>"
     input_name: str  # keyword that forward() receives
@@ -24,9 +25,17 @@ class ModalitySpec:
     projector: Literal["perceiver", "linear"]  # perceiver reads the encoder's sequence, linear its pooled output
     item_shape: tuple[str | None, ...]  # per-item dims, each named by the encoder-config field it must equal
     num_tokens: int = 64  # default LLM tokens per item
-    input_modality: str = "image"  # the modality's name in transformers' `input_modalities`
+    # the kind of media, named as in transformers' `input_modalities` ("image", "video", "audio", "time"): how the
+    # processor recognises and reads raw items (media_anymal.MEDIA_KINDS) and which kwargs section they take
+    input_modality: str = "image"
     has_frames: bool = False  # items are stacks of frames: (frames, *item_shape[1:]), with a temporal embedding
     shares_encoder_with: str | None = None  # without its own `<name>_config`, reuse this modality's encoder
+    # the processor's keyword for the items (pipeline's too); the collator reads bare blocks' items from the dataset
+    # columns `<name>s` (a list per row) and `<name>` (one per row). `register_modality` defaults it to the name.
+    argument: str | None = None
+    # the processor attribute that turns read items into the model's input (a sub-processor such as
+    # "image_processor"), or a function `preprocess(items, **options) -> torch.Tensor` given the raw items
+    preprocess: str | Callable | None = None
 
     @property
     def feature_rank(self) -> int:
@@ -35,18 +44,37 @@ class ModalitySpec:
         such per frame for items with frames."""
         return 1 + (self.projector == "perceiver") + self.has_frames
 
+    def to_dict(self) -> dict:
+        """The spec as JSON, for a config to record (a `preprocess` function is not recordable and becomes None)."""
+        recorded = asdict(self)
+        if callable(self.preprocess):
+            recorded["preprocess"] = None
+        return recorded
+
+    @classmethod
+    def from_dict(cls, recorded: dict) -> "ModalitySpec":
+        known = {field.name for field in fields(cls)}
+        if unknown := sorted(set(recorded) - known):
+            raise ValueError(f"A recorded modality has fields {unknown} that this version of ModalitySpec lacks; "
+                             "upgrade transformers-anymal.")
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in recorded.items()})
+
 
 MODALITIES: dict[str, ModalitySpec] = {
     "image": ModalitySpec("<image>", "pixel_values", "clip_vision_model", "perceiver",
-                          ("num_channels", "image_size", "image_size")),
+                          ("num_channels", "image_size", "image_size"), argument="images", preprocess="image_processor"),
     "video": ModalitySpec("<video>", "pixel_values_videos", "clip_vision_model", "perceiver",
                           (None, "num_channels", "image_size", "image_size"), input_modality="video",
-                          has_frames=True, shares_encoder_with="image"),
+                          has_frames=True, shares_encoder_with="image", argument="videos",
+                          preprocess="video_processor"),
     "audio": ModalitySpec("<audio>", "input_features", "clap_audio_model", "linear", (None, None, "num_mel_bins"),
-                          num_tokens=32, input_modality="audio"),
+                          num_tokens=32, input_modality="audio", argument="audio", preprocess="feature_extractor"),
     "imu": ModalitySpec("<imu>", "imu_values", "anymal_imu", "linear", ("num_channels", "window_length"),
-                        num_tokens=32, input_modality="time"),  # encoder registered in this package
+                        num_tokens=32, input_modality="time", argument="imu",  # encoder registered in this package
+                        preprocess="imu_feature_extractor"),
 }
+BUILT_IN = frozenset(MODALITIES)
+INPUT_MODALITIES = ("image", "video", "audio", "time")  # the kinds of media the processor reads (media_anymal.py)
 
 
 @auto_docstring(custom_intro="Configuration of [`AnyMALIMUEncoder`], compatible with IMU2CLIP's `MW2StackRNNPooling`.")
@@ -136,6 +164,9 @@ class AnyMALConfig(PreTrainedConfig):
         Id of the `<audio>` placeholder.
     imu_token_id (`int`, *optional*):
         Id of the `<imu>` placeholder.
+    added_modalities (`dict[str, dict]`, *optional*):
+        The `ModalitySpec` of each modality the model takes beyond the built-in four, recorded when the config is
+        made, so that a checkpoint with one loads in a fresh process (its spec is registered on load).
     num_tokens (`dict[str, int]`, *optional*):
         LLM tokens that one item of each modality costs, e.g. `{"image": 64, "audio": 32}`. Modalities left out
         take the default of their `ModalitySpec`.
@@ -164,6 +195,7 @@ class AnyMALConfig(PreTrainedConfig):
     video_token_id: int | None = None
     audio_token_id: int | None = None
     imu_token_id: int | None = None
+    added_modalities: dict[str, dict] | None = None
     num_tokens: dict[str, int] | None = None
     num_frames: int = 8
     resampler_depth: int = 2
@@ -172,6 +204,7 @@ class AnyMALConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        register_recorded_modalities(self.added_modalities)
         for name in MODALITIES:  # modalities added by `register_modality` have no dataclass fields
             for key in (f"{name}_config", f"{name}_token_id"):
                 if key not in self.__dataclass_fields__:
@@ -182,6 +215,14 @@ class AnyMALConfig(PreTrainedConfig):
         self._validate_modalities()
         self.num_tokens = {name: (self.num_tokens or {}).get(name, MODALITIES[name].num_tokens)
                            for name in self.modalities}
+        self.added_modalities = recorded_modalities(self.modalities)
+
+    @property
+    def modality_specs(self) -> dict[str, ModalitySpec]:
+        """The spec of every modality known where this config's class lives (built-in, registered, or recorded by a
+        loaded config). Models read specs here: with `trust_remote_code`, transformers loads the config's and the
+        model's code as separate module copies, each with its own registry."""
+        return MODALITIES
 
     @property
     def modalities(self) -> list[str]:
@@ -234,12 +275,41 @@ class AnyMALConfig(PreTrainedConfig):
 
 
 def register_modality(name: str, spec: ModalitySpec) -> None:
-    """Adds a modality to AnyMAL: configs then take `<name>_config`/`<name>_token_id`, and models built from them
-    encode `spec.input_name` inputs with the encoder and projector the spec names."""
+    """Adds a modality to AnyMAL: configs then take `<name>_config`/`<name>_token_id`, models built from them encode
+    `spec.input_name` inputs with the encoder and projector the spec names, and processors whose tokenizer holds
+    `spec.token` take its items (keyword `spec.argument`, chat blocks `{"type": name, name: ...}`), read as the media
+    kind `spec.input_modality` and preprocessed by `spec.preprocess`. Configs record the spec, so checkpoints load in
+    a fresh process without this call (unless `preprocess` is a function, which a config cannot record)."""
     if not name.isidentifier():
         raise ValueError(f"Modality name {name!r} must be a valid Python identifier, e.g. 'depth'.")
-    MODALITIES[name] = spec
+    if name in BUILT_IN:
+        raise ValueError(f"{name!r} is a built-in modality; register a new one under another name.")
+    if spec.input_modality not in INPUT_MODALITIES:
+        raise ValueError(f"ModalitySpec(input_modality={spec.input_modality!r}) is not a kind of media the processor "
+                         f"reads; use one of {list(INPUT_MODALITIES)}.")
+    MODALITIES[name] = replace(spec, argument=spec.argument or name)
     AnyMALConfig.sub_configs_defaults[f"{name}_config"] = _encoder_sub_config(spec)
 
 
-__all__ = ["AnyMALConfig", "AnyMALIMUConfig", "MODALITIES", "ModalitySpec", "register_modality"]
+def unregister_modality(name: str) -> None:
+    """Removes a modality that `register_modality` (or a loaded config) added."""
+    if name in BUILT_IN:
+        raise ValueError(f"{name!r} is a built-in modality and cannot be removed.")
+    del MODALITIES[name]
+    del AnyMALConfig.sub_configs_defaults[f"{name}_config"]
+
+
+def recorded_modalities(names: list[str]) -> dict[str, dict] | None:
+    """The specs of the added modalities among `names`, as configs record them."""
+    return {name: MODALITIES[name].to_dict() for name in names if name not in BUILT_IN} or None
+
+
+def register_recorded_modalities(recorded: dict[str, dict] | None) -> None:
+    """Registers the recorded specs of a saved config or processor that this process does not know yet; a spec
+    registered here already (by `register_modality`, with its `preprocess` function, say) is kept."""
+    for name, spec in (recorded or {}).items():
+        if name not in MODALITIES:
+            register_modality(name, ModalitySpec.from_dict(spec))
+
+
+__all__ = ["AnyMALConfig", "AnyMALIMUConfig", "MODALITIES", "ModalitySpec", "register_modality", "unregister_modality"]

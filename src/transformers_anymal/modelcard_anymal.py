@@ -5,7 +5,7 @@ import re
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .configuration_anymal import MODALITIES, AnyMALConfig
+from .configuration_anymal import AnyMALConfig
 
 
 def _hub_id(config) -> str | None:
@@ -32,8 +32,8 @@ def anymal_model_card(
         datasets=datasets or None,
     )
     rows = "\n".join(
-        f"| {name} | `{MODALITIES[name].token}` | {_hub_id(encoder) or encoder.model_type} "
-        f"| {'Perceiver Resampler' if MODALITIES[name].projector == 'perceiver' else 'linear'} "
+        f"| {name} | `{config.modality_specs[name].token}` | {_hub_id(encoder) or encoder.model_type} "
+        f"| {'Perceiver Resampler' if config.modality_specs[name].projector == 'perceiver' else 'linear'} "
         f"| {config.num_tokens[name]} |"
         for name, encoder in encoders.items()
     )

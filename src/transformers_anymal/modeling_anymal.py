@@ -258,7 +258,7 @@ def attention_per_sub_model(config: AnyMALConfig, requested: str | None = None) 
 
 
 def build_projector(config: AnyMALConfig, name: str) -> nn.Module:
-    spec, input_size = MODALITIES[name], config.get_encoder_config(name).hidden_size
+    spec, input_size = config.modality_specs[name], config.get_encoder_config(name).hidden_size
     if spec.projector == "perceiver":
         num_frames = config.num_frames if spec.has_frames else None
         return AnyMALPerceiverResampler(config, input_size, config.num_tokens[name], num_frames)
@@ -279,7 +279,9 @@ FORWARD_ARGUMENTS = r"""
         Per modality, outputs of the frozen encoder computed earlier with [`~AnyMALModel.get_encoder_features`]; the encoder
         is skipped and only the projector runs (feature caching for alignment training).
     mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
-        Per modality, projected tokens in `pooler_output`, `(num_items, num_tokens, hidden_size)`.
+        Per modality, what [`~AnyMALModel.get_modality_features`] returns: the projector's tokens, after the encoder
+        and the projector, in `pooler_output`, `(num_items, num_tokens, hidden_size)` (transformers' name for media
+        encoded beforehand; `encoder_features` are one step earlier, before the projector).
     prompt_embeds (`torch.FloatTensor` of shape `(batch_size, prompt_length, hidden_size)`, *optional*):
         Embeddings of the first `prompt_length` positions with every item's tokens in place of its placeholders;
         `generate` computes them once, before prefill, so media are never encoded again while decoding.
@@ -338,7 +340,7 @@ class AnyMALModel(AnyMALPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def modality_encoder(self, name: str) -> nn.Module:
-        return self.encoders[name] if name in self.encoders else self.encoders[MODALITIES[name].shares_encoder_with]
+        return self.encoders[name] if name in self.encoders else self.encoders[self.config.modality_specs[name].shares_encoder_with]
 
     def get_encoder_features(self, name: str, values: torch.Tensor) -> torch.Tensor:
         """Runs the frozen encoder of `name`, without its projector ([`~AnyMALModel.get_modality_features`] runs both);
@@ -348,7 +350,7 @@ class AnyMALModel(AnyMALPreTrainedModel):
         `(num_items, frames, seq, hidden)`); linear ones its pooled output, `(num_items, hidden)`.
         """
         self._check_modality_values(name, values)
-        spec, encoder = MODALITIES[name], self.modality_encoder(name)
+        spec, encoder = self.config.modality_specs[name], self.modality_encoder(name)
         items = values.flatten(0, 1) if spec.has_frames else values  # frames go through the encoder one by one
         outputs = encoder(items.to(encoder.dtype), return_dict=True)
         features = outputs.last_hidden_state if spec.projector == "perceiver" else outputs.pooler_output
@@ -362,7 +364,7 @@ class AnyMALModel(AnyMALPreTrainedModel):
         if name not in self.config.modalities:
             raise ValueError(
                 f"This model has no {name} modality (it takes {self.config.modalities}); drop the "
-                f"{MODALITIES[name].input_name} input or use a checkpoint whose config sets {name}_config."
+                f"{self.config.modality_specs[name].input_name} input or use a checkpoint whose config sets {name}_config."
             )
         if encoder_features is None:
             encoder_features = self.get_encoder_features(name, values)
@@ -371,7 +373,7 @@ class AnyMALModel(AnyMALPreTrainedModel):
         return self.projectors[name](encoder_features)
 
     def _check_encoder_features(self, name: str, features: torch.Tensor):
-        spec, width = MODALITIES[name], self.config.get_encoder_config(name).hidden_size
+        spec, width = self.config.modality_specs[name], self.config.get_encoder_config(name).hidden_size
         if not isinstance(features, torch.Tensor) or features.ndim != 1 + spec.feature_rank or features.shape[-1] != width:
             shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
             layout = "(items, " + "frames, " * spec.has_frames + "sequence, " * (spec.projector == "perceiver")
@@ -381,7 +383,7 @@ class AnyMALModel(AnyMALPreTrainedModel):
             )
 
     def _check_modality_values(self, name: str, values):
-        spec, encoder_config = MODALITIES[name], self.config.get_encoder_config(name)
+        spec, encoder_config = self.config.modality_specs[name], self.config.get_encoder_config(name)
         if not isinstance(values, torch.Tensor):
             raise TypeError(
                 f"{spec.input_name} must be a torch.Tensor, got {type(values).__name__}; AnyMALProcessor turns raw "
@@ -425,8 +427,8 @@ class AnyMALModel(AnyMALPreTrainedModel):
         """Mask for `inputs_embeds.masked_scatter`; checks that the placeholders and the items' tokens match."""
         mask = self.placeholder_positions(name, input_ids, inputs_embeds)
         num_tokens, num_placeholders = self.config.num_tokens[name], int(mask.sum())
+        token = self.config.modality_specs[name].token
         if num_placeholders != features.shape[0]:
-            token = MODALITIES[name].token
             raise ValueError(
                 f"{name}: the text has {num_placeholders} {token} placeholder tokens ({num_placeholders / num_tokens:g} "
                 f"items x {num_tokens}) but {features.shape[0] // num_tokens} {name} items were given "
@@ -439,9 +441,9 @@ class AnyMALModel(AnyMALPreTrainedModel):
             run = int((lengths % num_tokens).nonzero()[0])
             sample, start, length = int(starts[run, 0]), int(starts[run, 1]), int(lengths[run])
             raise ValueError(
-                f"{name}: sample {sample} has a run of {length} {MODALITIES[name].token} tokens at position {start}, "
+                f"{name}: sample {sample} has a run of {length} {token} tokens at position {start}, "
                 f"not a multiple of the {num_tokens} per item: an item's tokens are split by other tokens, or the text "
-                f"was truncated inside them. Put one {MODALITIES[name].token} per item in the text and let "
+                f"was truncated inside them. Put one {token} per item in the text and let "
                 "AnyMALProcessor expand it."
             )
         return mask.unsqueeze(-1).expand_as(inputs_embeds)
@@ -456,11 +458,11 @@ class AnyMALModel(AnyMALPreTrainedModel):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Replaces every placeholder run in `inputs_embeds` with its item's projected tokens."""
         encoder_features, mm_encoder_outputs = encoder_features or {}, mm_encoder_outputs or {}
-        unknown = (set(encoder_features) | set(mm_encoder_outputs)) - set(MODALITIES)
+        unknown = (set(encoder_features) | set(mm_encoder_outputs)) - set(self.config.modality_specs)
         if unknown:
             raise ValueError(f"Unknown modalities {sorted(unknown)} in encoder_features/mm_encoder_outputs.")
         projected = {}
-        for name, spec in MODALITIES.items():
+        for name, spec in self.config.modality_specs.items():
             sources = {
                 spec.input_name: modality_values.get(name),
                 f"encoder_features['{name}']": encoder_features.get(name),
@@ -516,7 +518,7 @@ class AnyMALModel(AnyMALPreTrainedModel):
                         "input_features": input_features, "imu_values": imu_values}
         modality_values = {  # modalities added with `register_modality` arrive through **kwargs
             name: named_inputs[spec.input_name] if spec.input_name in named_inputs else kwargs.pop(spec.input_name, None)
-            for name, spec in MODALITIES.items()
+            for name, spec in self.config.modality_specs.items()
         }
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -662,7 +664,7 @@ class AnyMALForConditionalGeneration(AnyMALPreTrainedModel, GenerationMixin):
         `mm_encoder_outputs`) are encoded and projected once, before prefill, and placeholder tokens, which mark
         where inputs go, are never generated."""
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        media = {name: kwargs.pop(spec.input_name, None) for name, spec in MODALITIES.items()}
+        media = {name: kwargs.pop(spec.input_name, None) for name, spec in self.config.modality_specs.items()}
         media = {name: values for name, values in media.items() if values is not None}
         encoder_features, mm_encoder_outputs = kwargs.pop("encoder_features", None), kwargs.pop("mm_encoder_outputs", None)
         if getattr(generation_config, "is_assistant", False):

@@ -7,8 +7,6 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.any_to_any import AnyToAnyPipeline, Chat, ReturnType
 
-from .configuration_anymal import MODALITIES
-from .processing_anymal import ARGUMENTS
 from .safety_anymal import AnyMALSafetyChecker, has_images
 
 
@@ -89,13 +87,16 @@ class AnyToTextPipeline(AnyToAnyPipeline):
         generate_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in GENERATE_ARGUMENTS}
         if generate_kwargs:  # do_sample=True, num_beams=2, streamer=... next to max_new_tokens
             kwargs["generate_kwargs"] = {**kwargs.get("generate_kwargs", {}), **generate_kwargs}
+        media = {"images": images, "videos": videos, "audio": audio, "imu": imu}
+        specs = self.model.config.modality_specs.values()
+        media.update({spec.argument: kwargs.pop(spec.argument) for spec in specs if spec.argument in kwargs})
         if self.safety_checker is not None:
-            return self._checked_call(text, {"images": images, "videos": videos, "audio": audio, "imu": imu}, kwargs)
-        return self._generate(text, images, videos, audio, imu, **kwargs)
+            return self._checked_call(text, media, kwargs)
+        return self._generate(text, **{argument: items for argument, items in media.items() if items is not None},
+                              **kwargs)
 
-    def _generate(self, text=None, images=None, videos=None, audio=None, imu=None, **kwargs):
-        if imu is not None:  # reaches the processor through the preprocessing kwargs
-            kwargs["imu"] = imu
+    def _generate(self, text=None, images=None, videos=None, audio=None, **kwargs):
+        # items of the other modalities (imu=...) reach the processor through the preprocessing kwargs
         if isinstance(text, (list, tuple)) and text and all(_is_chat(chat) for chat in text):
             batch_size = kwargs.pop("batch_size", None) or len(text)
             outputs = []
@@ -185,10 +186,11 @@ class AnyToTextPipeline(AnyToAnyPipeline):
     def _media_per_text(self, texts: list[str], media: dict) -> list[dict]:
         """Keyword media split by text: checked against each text's placeholders as the processor checks them."""
         per_text = [{} for _ in texts]
-        for name, argument in ARGUMENTS.items():
+        for name, spec in self.model.config.modality_specs.items():
+            argument = spec.argument
             if media.get(argument) is None:
                 continue
-            counts = [sample.count(MODALITIES[name].token) for sample in texts]
+            counts = [sample.count(spec.token) for sample in texts]
             items = iter(self.processor._match_items(name, media[argument], counts))
             for sample, count in zip(per_text, counts):
                 sample[argument] = [next(items) for _ in range(count)]

@@ -1,6 +1,5 @@
-"""AnyMALProcessor: text with placeholders plus images, videos, audio and IMU recordings in; model inputs out."""
+"""AnyMALProcessor: text with placeholders plus items of every registered modality in; model inputs out."""
 
-import numbers
 import os
 import re
 from typing import TypedDict
@@ -10,157 +9,77 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
-from transformers.audio_utils import load_audio
-from transformers.image_utils import load_image
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, Unpack
 from transformers.utils import logging
 
-from .configuration_anymal import MODALITIES
+from .configuration_anymal import MODALITIES, recorded_modalities, register_recorded_modalities
 from .feature_extraction_anymal import AnyMALIMUFeatureExtractor
+from .media_anymal import MEDIA_KINDS, MediaKind
 from .video_processing_anymal import AnyMALVideoProcessor
 
 
 logger = logging.get_logger(__name__)
 
 
-# the processor argument carrying each modality's items
-ARGUMENTS = {"image": "images", "video": "videos", "audio": "audio", "imu": "imu"}
-# content-block keys that hold an item in chat messages, by modality
-BLOCK_KEYS = {
-    "image": ("image", "url", "path", "base64"),
-    "video": ("video", "url", "path"),
-    "audio": ("audio", "url", "path"),
-    "imu": ("imu", "path"),
-}
-# how many array dimensions one item has
-ITEM_NDIM = {"image": (2, 3), "video": (4,), "audio": (1,), "imu": (2,)}
-
 ROLES = ("system", "user", "assistant")  # what the chat templates render
-RENDER_CONTENT = (  # a message's content, its media blocks as their placeholders
-    "{%- macro render(content) -%}"
-    "{%- if content is string -%}{{ content }}"
-    "{%- else -%}{%- for block in content -%}"
-    "{%- if block['type'] == 'text' -%}{{ block['text'] }}"
-    "{%- elif block['type'] in ['image', 'video', 'audio', 'imu'] -%}{{ '<' ~ block['type'] ~ '>\n' }}"
-    "{%- else -%}{{ raise_exception('Unknown content type ' ~ block['type'] ~ \"; use text, image, video, audio or imu\") }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
-)
-CHAT_TEMPLATE = (  # Llama-2-chat's format
-    RENDER_CONTENT +
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set system_message = render(messages[0]['content']) -%}{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{%- set system_message = none -%}{%- set loop_messages = messages -%}{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ bos_token ~ '[INST] ' }}"
-    "{%- if loop.first and system_message is not none -%}{{ '<<SYS>>\n' ~ system_message ~ '\n<</SYS>>\n\n' }}{%- endif -%}"
-    "{{ render(message['content']) | trim ~ ' [/INST]' }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    # the space before the answer is part of it: tokenizers merge it into the answer's first token
-    "{%- generation -%}{{ ' ' ~ render(message['content']) | trim ~ ' ' ~ eos_token }}{%- endgeneration -%}"
-    "{%- elif message['role'] == 'system' -%}"
-    "{{ raise_exception('A system message goes first in a Llama-2-chat prompt; move it to the start of the chat') }}"
-    "{%- else -%}{{ raise_exception('Unknown role ' ~ message['role'] ~ '; use system, user or assistant') }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
-CHATML_TEMPLATE = (  # ChatML, the format of SmolLM2, Qwen2 and others (without a default system message)
-    RENDER_CONTENT +
-    "{%- for message in messages -%}"
-    "{%- if message['role'] in ['system', 'user'] -%}"
-    "{{ '<|im_start|>' ~ message['role'] ~ '\n' ~ render(message['content']) | trim ~ '<|im_end|>\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\n' }}"
-    "{%- generation -%}{{ render(message['content']) | trim ~ '<|im_end|>' }}{%- endgeneration -%}{{ '\n' }}"
-    "{%- else -%}{{ raise_exception('Unknown role ' ~ message['role'] ~ '; use system, user or assistant') }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
-)
 
 
-def _checked_image(image):
-    """An in-memory image ready for the image processor: PIL images fully read (a truncated file fails here, by
-    name), 16-bit and float images brought to the 0-255 scale the processor rescales from (`_pixels`), 2-D
-    (grayscale) arrays given 3 channels; empty images refused."""
-    if isinstance(image, Image.Image):  # PIL reads lazily
-        image.load()
-        if 0 in image.size:
-            raise ValueError(f"the image is empty (size {image.size})")
-        if image.mode not in ("I;16", "I;16L", "I;16B", "I", "F"):
-            return image
-        image = np.asarray(image)  # 16-bit PNGs (PIL reads them as "I;16" or as 32-bit "I"), or float images
-        if image.dtype.kind == "i" and image.size and 0 <= image.min() and image.max() <= 65535:
-            image = image.astype(np.uint16)
-    image = _pixels(_as_array(image))
-    shape = image.shape
-    size = shape[:2] if len(shape) == 3 and shape[-1] in (1, 3, 4) else shape[-2:]
-    if 0 in size:
-        raise ValueError(f"the image is empty (size {tuple(size)})")
-    if len(shape) == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    return image
+def _render_content(modalities: list[str]) -> str:
+    """Jinja macro rendering a message's content: text as it is, each media block of `modalities` as its placeholder."""
+    placeholders = "{" + ", ".join(f"{name!r}: {MODALITIES[name].token!r}" for name in modalities) + "}"
+    types = ", ".join(["text", *modalities])
+    return (
+        "{%- macro render(content) -%}"
+        f"{{%- set placeholders = {placeholders} -%}}"
+        "{%- if content is string -%}{{ content }}"
+        "{%- else -%}{%- for block in content -%}"
+        "{%- if block['type'] == 'text' -%}{{ block['text'] }}"
+        "{%- elif block['type'] in placeholders -%}{{ placeholders[block['type']] ~ '\n' }}"
+        f"{{%- else -%}}{{{{ raise_exception('Unknown content type ' ~ block['type'] ~ '; use {types}') }}}}"
+        "{%- endif -%}{%- endfor -%}{%- endif -%}"
+        "{%- endmacro -%}"
+    )
 
 
-def _frames_of(images: list) -> np.ndarray:
-    """A clip given as its frames in order (image paths, URLs or PIL images), as the `(frames, height, width, 3)`
-    array the video processor samples from."""
-    if not images:
-        raise ValueError("the list of frames is empty")
-    frames = []
-    for index, image in enumerate(images):
-        if isinstance(image, (str, os.PathLike)):
-            image = load_image(os.fspath(image))
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"frame {index} is a {type(image).__name__}; give frames as image paths, URLs or PIL "
-                            "images, or the whole clip as one (frames, height, width, channels) array")
-        frames.append(np.asarray(_checked_image(image.convert("RGB"))))
-    if len({frame.shape for frame in frames}) > 1:
-        raise ValueError(f"the frames have different sizes {sorted({frame.shape[:2] for frame in frames})}; give "
-                         "frames of one size")
-    return np.stack(frames)
+def llama2_chat_template(modalities: list[str]) -> str:
+    """Llama-2-chat's format, with media blocks of `modalities` rendered as their placeholders."""
+    return (
+        _render_content(modalities) +
+        "{%- if messages[0]['role'] == 'system' -%}"
+        "{%- set system_message = render(messages[0]['content']) -%}{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}{%- set system_message = none -%}{%- set loop_messages = messages -%}{%- endif -%}"
+        "{%- for message in loop_messages -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{ bos_token ~ '[INST] ' }}"
+        "{%- if loop.first and system_message is not none -%}{{ '<<SYS>>\n' ~ system_message ~ '\n<</SYS>>\n\n' }}{%- endif -%}"
+        "{{ render(message['content']) | trim ~ ' [/INST]' }}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        # the space before the answer is part of it: tokenizers merge it into the answer's first token
+        "{%- generation -%}{{ ' ' ~ render(message['content']) | trim ~ ' ' ~ eos_token }}{%- endgeneration -%}"
+        "{%- elif message['role'] == 'system' -%}"
+        "{{ raise_exception('A system message goes first in a Llama-2-chat prompt; move it to the start of the chat') }}"
+        "{%- else -%}{{ raise_exception('Unknown role ' ~ message['role'] ~ '; use system, user or assistant') }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
 
 
-def _pixels(values: np.ndarray) -> np.ndarray:
-    """Image or frame values on the 0-255 scale of 8-bit images, which the image and video processors rescale by
-    1/255: uint8 as it is, uint16 divided by 257 (65535 -> 255), other integers when they lie in 0-255, floats read
-    as 0-1 and multiplied by 255. Anything else is refused rather than guessed."""
-    if np.iscomplexobj(values) or values.dtype == bool:
-        raise TypeError(f"{values.dtype} pixel values; give uint8 (0-255), uint16 (0-65535) or float (0-1) values.")
-    if values.dtype == np.uint8 or values.size == 0:
-        return values
-    if values.dtype == np.uint16:
-        return values.astype(np.float32) / 257
-    low, high = values.min(), values.max()
-    if np.issubdtype(values.dtype, np.integer):
-        if low < 0 or high > 255:
-            raise ValueError(f"{values.dtype} pixel values span {low}..{high}; integer images are read as 0-255 (or "
-                             "uint16 for 0-65535): cast or rescale them to one of those.")
-        return values.astype(np.float32)
-    if not np.isfinite(values).all():
-        raise ValueError("the pixel values hold NaN or infinite values.")
-    if low < 0 or high > 1:
-        raise ValueError(f"float pixel values span {low:g}..{high:g}; float images are read as 0-1: divide 0-255 "
-                         "values by 255 (or pass them as uint8).")
-    return values.astype(np.float32) * 255
-
-
-def _pcm(values: np.ndarray) -> np.ndarray:
-    """A waveform as float32 in [-1, 1]: integer PCM scaled by its type's range (int16 by 32768, uint8 about 128),
-    floats as they are; float samples far outside [-1, 1] (integer PCM stored as floats) are refused."""
-    if np.iscomplexobj(values) or values.dtype == bool:
-        raise TypeError(f"{values.dtype} samples; give float samples in [-1, 1] or integer PCM.")
-    if np.issubdtype(values.dtype, np.integer):
-        info = np.iinfo(values.dtype)
-        half = (int(info.max) - int(info.min) + 1) / 2
-        return ((values.astype(np.float64) - (int(info.min) + half)) / half).astype(np.float32)
-    values = values.astype(np.float32)
-    peak = float(np.abs(values).max()) if values.size and np.isfinite(values).all() else 0.0
-    if peak > 2:  # decoders overshoot 1 a little; this far out, the samples are on another scale
-        raise ValueError(f"float samples reach {peak:g}; float audio is read in [-1, 1]: divide 16-bit PCM stored as "
-                         "floats by 32768 (or pass the int16 array as it is).")
-    return values
+def chatml_chat_template(modalities: list[str]) -> str:
+    """ChatML, the format of SmolLM2, Qwen2 and others (without a default system message), with media blocks of
+    `modalities` rendered as their placeholders."""
+    return (
+        _render_content(modalities) +
+        "{%- for message in messages -%}"
+        "{%- if message['role'] in ['system', 'user'] -%}"
+        "{{ '<|im_start|>' ~ message['role'] ~ '\n' ~ render(message['content']) | trim ~ '<|im_end|>\n' }}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{ '<|im_start|>assistant\n' }}"
+        "{%- generation -%}{{ render(message['content']) | trim ~ '<|im_end|>' }}{%- endgeneration -%}{{ '\n' }}"
+        "{%- else -%}{{ raise_exception('Unknown role ' ~ message['role'] ~ '; use system, user or assistant') }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+    )
 
 
 _ABSENT = object()  # an attribute that was not set
@@ -174,21 +93,17 @@ class EncoderFeatures:
         self.features = torch.as_tensor(np.asarray(features)) if not isinstance(features, torch.Tensor) else features
 
 
+def _kind(name: str) -> MediaKind:
+    return MEDIA_KINDS[MODALITIES[name].input_modality]
+
+
+def _section(name: str) -> str:
+    """The processor kwargs section of a modality's options: images_kwargs, videos_kwargs, audio_kwargs, imu_kwargs."""
+    return f"{MODALITIES[name].argument}_kwargs"
+
+
 def _is_item(name: str, value) -> bool:
-    if isinstance(value, (str, os.PathLike, EncoderFeatures)):
-        return True
-    if isinstance(value, dict):
-        return name in ("audio", "imu")  # {"array"|"path", "sampling_rate"}, as datasets' Audio column gives
-    if name == "audio" and isinstance(value, (list, tuple)) and value and all(
-            isinstance(sample, numbers.Real) and not isinstance(sample, bool) for sample in value):
-        return True  # a waveform as a Python list of samples
-    if hasattr(value, "ndim"):  # numpy arrays and torch tensors
-        return value.ndim in ITEM_NDIM[name]
-    return name == "image" and hasattr(value, "convert")  # PIL images
-
-
-def _as_array(value) -> np.ndarray:
-    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+    return isinstance(value, EncoderFeatures) or _kind(name).is_item(value)
 
 
 class AnyMALIMUKwargs(TypedDict, total=False):
@@ -242,28 +157,29 @@ class AnyMALProcessor(ProcessorMixin):
         tokenizer=None,
         chat_template=None,
         num_tokens: dict[str, int] | None = None,
+        added_modalities: dict[str, dict] | None = None,
         **kwargs,
     ):
-        self.num_tokens = {name: spec.num_tokens for name, spec in MODALITIES.items() if name in ARGUMENTS}
-        self.num_tokens.update(num_tokens or {})
+        register_recorded_modalities(added_modalities)
         # a checkpoint takes the modalities whose placeholders its tokenizer holds (an image-only one holds <image>)
         self.modalities = []
-        for name in ARGUMENTS:
-            token = MODALITIES[name].token
-            token_id = tokenizer.convert_tokens_to_ids(token)
+        for name, spec in MODALITIES.items():
+            token_id = tokenizer.convert_tokens_to_ids(spec.token)
             present = token_id is not None and token_id != tokenizer.unk_token_id
             self.modalities += [name] * present
-            setattr(self, f"{name}_token", token if present else None)  # transformers' pipelines read image_token, ...
+            setattr(self, f"{name}_token", spec.token if present else None)  # transformers' pipelines read image_token
             setattr(self, f"{name}_token_id", token_id if present else None)
         if not self.modalities:
-            tokens = [MODALITIES[name].token for name in ARGUMENTS]
+            tokens = [spec.token for spec in MODALITIES.values()]
             raise ValueError(
                 f"The tokenizer has none of the placeholders {tokens}; add those of the model's modalities with "
                 f"tokenizer.add_special_tokens({{'additional_special_tokens': [...]}}) and resize the model's embeddings."
             )
+        self.num_tokens = {name: (num_tokens or {}).get(name, MODALITIES[name].num_tokens) for name in self.modalities}
+        self.added_modalities = recorded_modalities(self.modalities)
         super().__init__(
             image_processor, video_processor, feature_extractor, imu_feature_extractor, tokenizer,
-            chat_template=chat_template if chat_template is not None else CHAT_TEMPLATE,
+            chat_template=chat_template if chat_template is not None else llama2_chat_template(self.modalities),
         )
 
     valid_processor_kwargs = AnyMALProcessorKwargs
@@ -306,31 +222,40 @@ class AnyMALProcessor(ProcessorMixin):
             except UnicodeEncodeError as error:  # a lone surrogate, e.g. from text decoded with errors="surrogateescape"
                 raise ValueError(f"text {index}: {sample[error.start:error.end]!r} at position {error.start} is not "
                                  "valid Unicode; decode the text with errors='replace' or drop it.") from error
+        given = {"images": images, "videos": videos, "audio": audio, "imu": imu}
+        given.update({spec.argument: kwargs.pop(spec.argument) for spec in MODALITIES.values() if spec.argument in kwargs})
+        # kwargs sections of added modalities (`<argument>_kwargs`), which transformers' merging does not know
+        sections = {section: kwargs.pop(section, {}) for section in map(_section, MODALITIES)
+                    if section not in AnyMALProcessorKwargs.__annotations__}
+        flat_rates = {name: kwargs.pop(f"{MODALITIES[name].argument}_sampling_rate", None) for name in MODALITIES
+                      if _kind(name).timed}  # imu_sampling_rate=..., the flat form of imu_kwargs={"sampling_rate": ...}
         options = self._merge_kwargs(AnyMALProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        options.update(sections)
         options["audio_kwargs"] = {key: value for key, value in options["audio_kwargs"].items()
                                    if key not in _TEXT_OPTIONS_CLAP_READS_OTHERWISE or key in kwargs.get("audio_kwargs", {})}
-        if (flat_rate := options.pop("imu_sampling_rate", None)) is not None:
-            if options["imu_kwargs"].get("sampling_rate", flat_rate) != flat_rate:
-                raise ValueError("imu_sampling_rate was passed two times: flat and in imu_kwargs; pass it once.")
-            options["imu_kwargs"]["sampling_rate"] = flat_rate
+        for name, rate in flat_rates.items():
+            section = options[_section(name)]
+            if rate is not None and section.get("sampling_rate", rate) != rate:
+                raise ValueError(f"{MODALITIES[name].argument}_sampling_rate was passed two times: flat and in "
+                                 f"{_section(name)}; pass it once.")
+            if rate is not None:
+                section["sampling_rate"] = rate
         text_kwargs = options["text_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None)
         text_kwargs.pop("return_text_replacement_offsets", None)
         text_kwargs.pop("return_mm_token_type_ids", None)
         return_offsets = text_kwargs.get("return_offsets_mapping", False)
 
-        given = {"image": images, "video": videos, "audio": audio, "imu": imu}
         data, encoder_features = {}, {}
-        for name, items in given.items():
-            items = self._match_items(name, items, [sample.count(MODALITIES[name].token) for sample in texts])
+        for name, spec in MODALITIES.items():
+            items = self._match_items(name, given.get(spec.argument), [sample.count(spec.token) for sample in texts])
             cached = [isinstance(item, EncoderFeatures) for item in items]
             if any(cached) and not all(cached):
                 raise ValueError(f"{name}: mix of raw items and EncoderFeatures; cache every {name} item or none.")
             if any(cached):
                 encoder_features[name] = torch.stack([item.features for item in items])
             elif items:
-                section = options[f"{ARGUMENTS[name]}_kwargs"]  # images_kwargs, videos_kwargs, audio_kwargs, imu_kwargs
-                data[MODALITIES[name].input_name] = self._process(name, items, **section)
+                data[spec.input_name] = self._process(name, items, options[_section(name)])
         texts, offsets = self._expand_placeholders(texts)
         text_inputs = self.tokenizer(texts, return_tensors=return_tensors, **text_kwargs)
         output = BatchFeature({**text_inputs, **data}, tensor_type=return_tensors)
@@ -342,7 +267,7 @@ class AnyMALProcessor(ProcessorMixin):
 
     def _match_items(self, name: str, items, counts: list[int]) -> list:
         """Flattens `items` in placeholder order after checking them against the placeholders of every sample."""
-        argument, token = ARGUMENTS[name], MODALITIES[name].token
+        argument, token = MODALITIES[name].argument, MODALITIES[name].token
         none_given = items is None or (isinstance(items, (list, tuple)) and not any(
             item is not None and (not isinstance(item, (list, tuple)) or item) for item in items))
         if name not in self.modalities:  # without its placeholder token, "<audio>" in a text is plain text
@@ -357,10 +282,10 @@ class AnyMALProcessor(ProcessorMixin):
             return []
         if _is_item(name, items):
             items = [items]
-        elif hasattr(items, "ndim") and items.ndim != max(ITEM_NDIM[name]) + 1:
-            dims = " or ".join(f"{ndim}-D" for ndim in ITEM_NDIM[name])
+        elif hasattr(items, "ndim") and items.ndim != max(item_ndim := _kind(name).item_ndim) + 1:
+            dims = " or ".join(f"{ndim}-D" for ndim in item_ndim)
             raise ValueError(f"{argument}: an array of shape {tuple(items.shape)} is neither one {name} ({dims}) nor "
-                             f"a stack of them ({max(ITEM_NDIM[name]) + 1}-D); see AnyMALProcessor.__call__.")
+                             f"a stack of them ({max(item_ndim) + 1}-D); see AnyMALProcessor.__call__.")
         per_sample = all(isinstance(item, (list, tuple)) and not _is_item(name, item) for item in items)
         if per_sample:  # one list per sample
             if len(items) != len(counts):
@@ -388,30 +313,23 @@ class AnyMALProcessor(ProcessorMixin):
                                 "magnitudes).")
         return list(items)
 
-    def _process(self, name: str, items: list, **options):
-        """`items` of modality `name` through its sub-processor with the options of its kwargs section, stacked into
-        one tensor (the model takes fixed-size items)."""
-        options = {**options, "return_tensors": "pt"}
-        if name == "image":
-            images = [self._load(name, index, load_image, os.fspath(item)) if isinstance(item, (str, os.PathLike))
-                      else self._load(name, index, _checked_image, item) for index, item in enumerate(items)]
-            return self.image_processor(images, **options)["pixel_values"]
-        if name == "video":
-            for index, item in enumerate(items):
-                if hasattr(item, "ndim") and len(item) == 0:
-                    raise ValueError(f"video {index}: the clip has no frames.")
-            videos = [self._load(name, index, _pixels, _as_array(item)) if hasattr(item, "ndim") else os.fspath(item)
-                      for index, item in enumerate(items)]
-            try:
-                return self.video_processor(videos, **options)["pixel_values_videos"]
-            except Exception as error:
-                raise ValueError(f"video: cannot decode {videos if len(videos) > 1 else videos[0]!r}: {error}") from error
-        if name == "audio":
-            sampling_rate = options.pop("sampling_rate", None)
-            waveforms = [self._load(name, index, self._waveform, item, sampling_rate) for index, item in enumerate(items)]
-            features = self.feature_extractor(waveforms, **options, sampling_rate=self.feature_extractor.sampling_rate)
-            return features["input_features"]
-        return self.imu_feature_extractor(items, **options)["imu_values"]
+    def _process(self, name: str, items: list, options: dict):
+        """`items` of modality `name`, read as their kind of media, through the modality's preprocessing with the
+        options of its kwargs section, stacked into one tensor (the model takes fixed-size items)."""
+        preprocess = MODALITIES[name].preprocess
+        if callable(preprocess):
+            return preprocess(items, **options)
+        if preprocess is None:
+            raise ValueError(
+                f"{name}: the {name} modality was registered from a saved config, which cannot record its preprocessing "
+                f"function; run the same register_modality({name!r}, ModalitySpec(..., preprocess=...)) first."
+            )
+        kind, preprocessor = _kind(name), getattr(self, preprocess)
+        items = [self._load(name, index, kind.read, item, preprocessor, options) for index, item in enumerate(items)]
+        try:
+            return kind.preprocess(preprocessor, items, options)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{name}: {error}") from error
 
     @staticmethod
     def _load(name: str, index: int, loader, *args):
@@ -425,39 +343,6 @@ class AnyMALProcessor(ProcessorMixin):
                 where = source if isinstance(source, (str, os.PathLike)) else type(source).__name__
                 raise ValueError(f"{name} {index}: cannot read {where!r}: {error}") from error
             raise ValueError(f"{name} {index}: {error}") from error
-
-    def _waveform(self, item, sampling_rate: int | None) -> np.ndarray:
-        """Mono float32 waveform at the feature extractor's rate, from a path or URL, a dict or an array."""
-        target_rate = self.feature_extractor.sampling_rate
-        if isinstance(item, dict):
-            sampling_rate = item.get("sampling_rate", sampling_rate)
-            item = item["array"] if "array" in item else item["path"]
-        if isinstance(item, (str, os.PathLike)):  # decoded, downmixed and resampled by transformers
-            item, sampling_rate = load_audio(os.fspath(item), sampling_rate=target_rate), target_rate
-        waveform = _pcm(_as_array(item))
-        if sampling_rate is None:
-            raise ValueError(f"no sampling rate: pass sampling_rate=<Hz> (the feature extractor takes {target_rate} Hz "
-                             f"and resamples from it)")
-        if waveform.ndim != 1 or waveform.size == 0:
-            raise ValueError(f"expected a non-empty mono waveform, got shape {waveform.shape}")
-        if not np.isfinite(waveform).all():
-            raise ValueError("the waveform holds NaN or infinite samples")
-        if sampling_rate != target_rate:
-            import soxr
-
-            waveform = soxr.resample(waveform, sampling_rate, target_rate).astype(np.float32)
-        window = getattr(self.feature_extractor, "fft_window_size", 1)
-        if len(waveform) < window:
-            raise ValueError(f"{len(waveform)} samples at {target_rate} Hz are shorter than one analysis window "
-                             f"({window} samples, {1000 * window / target_rate:g} ms); give a longer clip.")
-        longest = getattr(self.feature_extractor, "nb_max_samples", None)
-        if getattr(self.feature_extractor, "truncation", None) == "rand_trunc" and len(waveform) > longest:
-            # the feature extractor would take a random window; the middle one is the same on every call
-            logger.warning_once(f"Audio of {len(waveform) / target_rate:g} s is longer than the encoder's "
-                                f"{longest / target_rate:g} s window; keeping its middle.")
-            start = (len(waveform) - longest) // 2
-            waveform = waveform[start : start + longest]
-        return waveform
 
     def _expand_placeholders(self, texts: list[str]) -> tuple[list[str], list[list[dict]]]:
         """Replaces each placeholder with its run of tokens; the offsets say where each run went."""
@@ -489,9 +374,9 @@ class AnyMALProcessor(ProcessorMixin):
 
     def _multimodal_inputs_from_conversations(self, conversations, audio_loading_params, load_audio_from_video=False):
         """Collects every modality's items from chat content blocks, one list per conversation."""
-        collected = {name: [] for name in ARGUMENTS}
+        collected = {name: [] for name in MODALITIES}
         for conversation_index, conversation in enumerate(conversations):
-            found = {name: [] for name in ARGUMENTS}
+            found = {name: [] for name in MODALITIES}
             if not conversation:
                 raise ValueError(f"conversation {conversation_index} has no messages.")
             for message_index, message in enumerate(conversation):
@@ -511,42 +396,59 @@ class AnyMALProcessor(ProcessorMixin):
                     if not isinstance(block, dict):
                         raise TypeError(f"{where}: a content block is a dict such as {{'type': 'text', 'text': ...}}, "
                                         f"got {type(block).__name__} {block!r:.40}.")
-                    block_type = block.get("type")
-                    if block_type == "text":
+                    if block.get("type") == "text":
                         if not isinstance(block.get("text"), str):
                             raise ValueError(f"{where}: a text block needs a string 'text', got "
                                              f"{type(block.get('text')).__name__}.")
                         self._refuse_placeholders(block["text"], where)
                         continue
-                    if block_type not in ARGUMENTS:
-                        raise ValueError(
-                            f"{where}: unknown content type {block_type!r}; use one of text, {', '.join(ARGUMENTS)}."
-                        )
-                    if block_type not in self.modalities:
-                        raise ValueError(f"{where}: an item of {block_type}, but this processor's tokenizer has no "
-                                         f"{MODALITIES[block_type].token} placeholder: the checkpoint takes "
-                                         f"{', '.join(self.modalities)}, not {block_type}.")
-                    # keys holding None are absent (datasets gives every row of a column of blocks every key)
-                    values = [block[key] for key in BLOCK_KEYS[block_type] if block.get(key) is not None]
-                    if len(values) != 1:
-                        raise ValueError(f"{where}: a {block_type} block needs exactly one of {BLOCK_KEYS[block_type]}.")
-                    item = values[0]
-                    if block_type == "video" and isinstance(item, (list, tuple)):  # the clip's frames, in order
-                        item = self._load("video", len(found["video"]), _frames_of, item)
-                    if block_type in ("audio", "imu") and not isinstance(item, (str, os.PathLike, dict, EncoderFeatures)):
-                        if "sampling_rate" not in block:
-                            raise ValueError(f"{where}: a {block_type} array needs 'sampling_rate' in its block.")
-                        item = {"array": item, "sampling_rate": block["sampling_rate"]}
-                    elif block_type == "imu" and "sampling_rate" in block:
-                        item = {"path": item, "sampling_rate": block["sampling_rate"]}
-                    found[block_type].append(item)
-            for name in ARGUMENTS:
+                    name = self._modality_of(block, where)
+                    found[name].append(self._block_item(name, block, where, len(found[name])))
+            for name in MODALITIES:
                 collected[name].append(found[name])
-        # audio comes back as waveforms at the feature extractor's rate, the rate apply_chat_template then passes on
-        audio = [[item if isinstance(item, EncoderFeatures) else self._load("audio", index, self._waveform, item, None)
-                  for index, item in enumerate(sample)] for sample in collected["audio"]]
-        imu = collected["imu"] if any(collected["imu"]) else None
-        return collected["image"], collected["video"], audio if any(audio) else [], {"imu": imu}
+        arguments = {}
+        for name, per_conversation in collected.items():
+            argument = MODALITIES[name].argument
+            if argument == "audio" and any(per_conversation):
+                # transformers' apply_chat_template tells the processor that audio comes at the feature extractor's
+                # rate: read the waveforms (resampled to it) here
+                preprocessor = getattr(self, MODALITIES[name].preprocess)
+                per_conversation = [
+                    [item if isinstance(item, EncoderFeatures)
+                     else self._load(name, index, _kind(name).read, item, preprocessor, {}) for index, item in enumerate(sample)]
+                    for sample in per_conversation
+                ]
+            arguments[argument] = per_conversation if any(per_conversation) else None
+        images, videos, audio = (arguments.pop(argument) for argument in ("images", "videos", "audio"))
+        return images or [], videos or [], audio or [], arguments
+
+    def _modality_of(self, block: dict, where: str) -> str:
+        """The modality of a media block, checked against what this processor serves."""
+        name = block.get("type")
+        if name not in MODALITIES:
+            raise ValueError(f"{where}: unknown content type {name!r}; use one of text, {', '.join(self.modalities)}.")
+        if name not in self.modalities:
+            raise ValueError(f"{where}: an item of {name}, but this processor's tokenizer has no "
+                             f"{MODALITIES[name].token} placeholder: the checkpoint takes "
+                             f"{', '.join(self.modalities)}, not {name}.")
+        return name
+
+    def _block_item(self, name: str, block: dict, where: str, index: int):
+        """The item a media block holds, as the processor's argument for `name` takes it."""
+        kind = _kind(name)
+        keys = (name, *kind.block_sources)
+        # keys holding None are absent (datasets gives every row of a column of blocks every key)
+        values = [block[key] for key in keys if block.get(key) is not None]
+        if len(values) != 1:
+            raise ValueError(f"{where}: a {name} block needs exactly one of {keys}.")
+        item = self._load(name, index, kind.from_block, values[0])
+        if kind.timed and not isinstance(item, (str, os.PathLike, dict, EncoderFeatures)):
+            if "sampling_rate" not in block:
+                raise ValueError(f"{where}: a {name} array needs 'sampling_rate' in its block.")
+            return {"array": item, "sampling_rate": block["sampling_rate"]}
+        if kind.timed and not kind.files_carry_rate and "sampling_rate" in block:
+            return {"path": item, "sampling_rate": block["sampling_rate"]}
+        return item
 
     def _refuse_placeholders(self, text: str, where: str):
         """In a chat, only media blocks make media slots: a placeholder typed in the text would take an item's place."""
@@ -590,7 +492,7 @@ class AnyMALProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", *(MODALITIES[name].input_name for name in ARGUMENTS)]
+        return ["input_ids", "attention_mask", *(MODALITIES[name].input_name for name in self.modalities)]
 
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, audio_lengths=None, **kwargs):
         """Placeholder tokens per item, as serving engines (vLLM) ask to size prompts: every item of a modality takes
@@ -601,14 +503,20 @@ class AnyMALProcessor(ProcessorMixin):
             video_sizes (`list[list[int]]`, *optional*): (frames, height, width) per video.
             audio_lengths (`list[int]`, *optional*): samples per audio clip.
         """
+        def tokens_per_item(argument: str, items: list) -> list[int]:
+            [name] = [name for name, spec in MODALITIES.items() if spec.argument == argument]
+            if name not in self.modalities:
+                raise ValueError(f"{argument} sizes were given, but this processor takes {', '.join(self.modalities)}, "
+                                 f"not {name}.")
+            return [self.num_tokens[name]] * len(items)
+
         data = {}
         if image_sizes is not None:
-            data.update(num_image_tokens=[self.num_tokens["image"]] * len(image_sizes),
-                        num_image_patches=[1] * len(image_sizes))
+            data.update(num_image_tokens=tokens_per_item("images", image_sizes), num_image_patches=[1] * len(image_sizes))
         if video_sizes is not None:
-            data["num_video_tokens"] = [self.num_tokens["video"]] * len(video_sizes)
+            data["num_video_tokens"] = tokens_per_item("videos", video_sizes)
         if audio_lengths is not None:
-            data["num_audio_tokens"] = [self.num_tokens["audio"]] * len(audio_lengths)
+            data["num_audio_tokens"] = tokens_per_item("audio", audio_lengths)
         return MultiModalData(**data)
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):

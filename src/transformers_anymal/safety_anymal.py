@@ -25,7 +25,8 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.image_transforms import to_pil_image
 from transformers.image_utils import load_image
 
-from .processing_anymal import EncoderFeatures, _checked_image
+from .media_anymal import checked_image
+from .processing_anymal import EncoderFeatures
 
 
 CHECKS = ("input_text", "input_image", "output_text", "association")
@@ -414,7 +415,7 @@ def _as_pil(block: dict) -> Image.Image:
                         "before caching, or leave input_image unset for cached rows.")
     if isinstance(value, (str, os.PathLike)):
         return load_image(os.fspath(value))  # a path, URL or base64 string, as the processor reads it
-    image = _checked_image(value)  # arrays and 16-bit or float images on the 0-255 scale, as the processor reads them
+    image = checked_image(value)  # arrays and 16-bit or float images on the 0-255 scale, as the processor reads them
     return image if isinstance(image, Image.Image) else to_pil_image(np.rint(image).astype(np.uint8))
 
 

@@ -37,6 +37,11 @@ class AnyMALScriptArguments(ScriptArguments):
     dataset_from_disk: bool = field(default=False, metadata={"help": "Read dataset_name with load_from_disk."})
     imu_sampling_rate: int | None = field(default=None, metadata={"help": "Rate (Hz) of IMU columns that don't say."})
 
+    @property
+    def sampling_rates(self) -> dict[str, int]:
+        """The collator's rates of recordings whose rows don't say."""
+        return {"imu": self.imu_sampling_rate} if self.imu_sampling_rate is not None else {}
+
 
 @dataclass
 class AnyMALSFTConfig(SFTConfig):
