@@ -121,8 +121,8 @@ def test_processor_template_and_collator_take_depth_from_the_registry_alone(dept
     assert batch["depth_values"].shape == (3, 3, 32, 32)
     answers = [processor.tokenizer.decode(row[row != -100]) for row in batch["labels"]]
     assert [answer.strip() for answer in answers] == ["two metres </s>", "one metre </s>", "four metres </s>"]
-    one_by_one = processor(text="<depth>", depth=depth_map(2), return_tensors="pt")["depth_values"]
-    assert torch.equal(batch["depth_values"][1], one_by_one[0])  # the bare block took its row's item
+    one_by_one = processor(text="<depth>" * 3, depth=[depth_map(1), depth_map(2), depth_map(3)], return_tensors="pt")
+    assert torch.equal(batch["depth_values"], one_by_one["depth_values"])  # each block took its own row's item
 
     # one training step moves the depth projector and nothing frozen
     model.train()
@@ -176,8 +176,12 @@ if mode == "remote":  # only transformers: the code comes from the checkpoint's 
 else:
     import transformers_anymal  # noqa: F401
 kwargs = {"trust_remote_code": True} if mode == "remote" else {}
-processor = AutoProcessor.from_pretrained(path, **kwargs)  # before the model: the processor records depth too
-model = AutoModelForMultimodalLM.from_pretrained(path, **kwargs).eval()
+if mode == "remote":  # the processor's own record of depth, then the model's
+    processor = AutoProcessor.from_pretrained(path, **kwargs)
+    model = AutoModelForMultimodalLM.from_pretrained(path, **kwargs).eval()
+else:  # the config's record alone (the processor then finds depth registered, and agreeing with its own record)
+    model = AutoModelForMultimodalLM.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
 chat = [{"role": "user", "content": [{"type": "depth", "depth": np.load(path + "/depth.npy")},
                                      {"type": "text", "text": "How far is the wall?"}]}]
 inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True,
@@ -214,13 +218,81 @@ def test_a_recorded_spec_without_its_preprocessing_function_says_what_to_registe
 def test_registering_names_what_is_wrong():
     with pytest.raises(ValueError, match="'image' is a built-in modality"):
         register_modality("image", DEPTH)
+    with pytest.raises(ValueError, match="'text' names something else"):
+        register_modality("text", DEPTH)
+    with pytest.raises(ValueError, match=r"ModalitySpec.token of 'mask' is already 'image'"):
+        register_modality("mask", ModalitySpec("<image>", "mask_values", "vit", "linear", ("hidden_size",)))
+    with pytest.raises(ValueError, match=r"ModalitySpec.argument of 'mask' is already 'image'"):
+        register_modality("mask", ModalitySpec("<mask>", "mask_values", "vit", "linear", ("hidden_size",),
+                                               argument="images"))
     with pytest.raises(ValueError, match=r"input_modality='smell'\) is not a kind of media"):
         register_modality("nose", ModalitySpec("<nose>", "nose_values", "vit", "linear", ("hidden_size",),
                                                input_modality="smell"))
-    assert "nose" not in MODALITIES
+    assert "nose" not in MODALITIES and "mask" not in MODALITIES
 
 
-def test_every_kind_of_media_a_spec_may_name_has_a_reader():
+def test_a_checkpoint_whose_modality_differs_from_the_registered_one_is_refused(depth):
+    model, _ = depth_checkpoint()
+    recorded = model.config.to_dict()
+    recorded["added_modalities"]["depth"]["projector"] = "linear"  # saved by a process where depth was linear
+    with pytest.raises(ValueError, match=r"'depth' modality differs from the one registered in this process in "
+                                         r"\['projector'\]"):
+        AnyMALConfig(**recorded)
+
+
+ANKLE = ModalitySpec("<ankle>", "ankle_values", "anymal_imu", "linear", ("num_channels", "window_length"),
+                     num_tokens=4, input_modality="time", preprocess="imu_feature_extractor")  # a second IMU
+
+
+@pytest.fixture
+def ankle_processor():
+    register_modality("ankle", ANKLE)
+    tiny = AnyMALProcessor.from_pretrained(TINY)
+    tiny.tokenizer.add_special_tokens({"additional_special_tokens": ["<ankle>"]})
+    yield AnyMALProcessor(tiny.image_processor, tiny.video_processor, tiny.feature_extractor,
+                          tiny.imu_feature_extractor, tiny.tokenizer)
+    unregister_modality("ankle")
+
+
+def test_an_added_time_series_modality_takes_its_rate_like_imu(ankle_processor):
+    processor, recording = ankle_processor, np.random.default_rng(0).standard_normal((6, 300))
+    expected = processor(text="<imu>", imu=recording, imu_sampling_rate=100, return_tensors="pt")["imu_values"]
+    options = {}
+    flat = processor(text="<ankle>", ankle=recording, ankle_sampling_rate=100, ankle_kwargs=options, return_tensors="pt")
+    assert torch.equal(flat["ankle_values"], expected) and options == {}  # the caller's section is left as it was
+    sectioned = processor(text="<ankle>", ankle=recording, ankle_kwargs={"sampling_rate": 100}, return_tensors="pt")
+    assert torch.equal(sectioned["ankle_values"], expected)
+    with pytest.raises(ValueError, match="no sampling rate"):
+        processor(text="<ankle>", ankle=recording)
+
+    chat = [{"role": "user", "content": [{"type": "ankle"}, {"type": "text", "text": "Walking?"}]},
+            {"role": "assistant", "content": "yes"}]
+    rows = [{"messages": chat, "ankles": [recording.tolist()], "ankle_sampling_rate": 100},  # the row's rate column
+            {"messages": chat, "ankle": recording}]  # the collator's rate
+    batch = AnyMALDataCollator(processor, sampling_rates={"ankle": 100})(rows)
+    assert torch.equal(batch["ankle_values"], torch.cat([expected, expected]).to(batch["ankle_values"].dtype))
+    with pytest.raises(ValueError, match=r"row 0: no ankle sampling rate; add a `ankle_sampling_rate` column"):
+        AnyMALDataCollator(processor)(rows[1:])
+
+
+def test_audio_stored_as_a_list_column_takes_the_rows_rate():
+    processor = AutoProcessor.from_pretrained(TINY)
+    wave = np.random.default_rng(0).uniform(-0.5, 0.5, 16000).astype(np.float32)
+    chat = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Which digit?"}]},
+            {"role": "assistant", "content": "three"}]
+    from_list = AnyMALDataCollator(processor)([{"messages": chat, "audio": wave.tolist(), "audio_sampling_rate": 16000}])
+    from_array = AnyMALDataCollator(processor, sampling_rates={"audio": 16000})([{"messages": chat, "audio": wave}])
+    assert torch.equal(from_list["input_features"], from_array["input_features"])
+
+
+def test_a_column_named_like_a_modality_the_model_lacks_is_left_alone(depth):
+    processor = AutoProcessor.from_pretrained(TINY)  # no <depth>: depth is registered, but not this model's
+    chat = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, {"role": "assistant", "content": "Hello"}]
+    batch = AnyMALDataCollator(processor)([{"messages": chat, "depth": 3.5}])  # e.g. a dive log's numeric column
+    assert "depth_values" not in batch
+
+
+def test_the_kinds_a_spec_may_name_are_the_kinds_media_anymal_reads():
     from transformers_anymal.configuration_anymal import INPUT_MODALITIES
     from transformers_anymal.media_anymal import MEDIA_KINDS
 

@@ -74,11 +74,12 @@ class AnyMALDataCollator:
             messages = list(row["prompt"]) + list(row["completion"])
         else:
             raise ValueError(f"row {index}: no `messages` (or `prompt` + `completion`) column; got {sorted(row)}.")
+        served = self.processor.modalities  # a column named like another registered modality is no media here
         columns = {name: next((column for column in media_columns(name) if row.get(column) is not None), None)
-                   for name in MODALITIES}
+                   for name in served}
         remaining = {name: ([row[column]] if column == name else list(row[column])) if column else []
                      for name, column in columns.items()}
-        cached = {name: list(row[f"{name}_features"]) for name in MODALITIES if row.get(f"{name}_features") is not None}
+        cached = {name: list(row[f"{name}_features"]) for name in served if row.get(f"{name}_features") is not None}
         chat = []
         for message_index, message in enumerate(messages):
             if not isinstance(message, dict) or "content" not in message:
@@ -114,7 +115,7 @@ class AnyMALDataCollator:
 
     def _fill(self, block: dict, remaining: dict, columns: dict, row: dict, index: int, decode: bool) -> dict:
         name = block.get("type")
-        if name not in MODALITIES:
+        if name not in remaining:  # not a modality the processor serves: it refuses the block by name
             return block
         kind = MEDIA_KINDS[MODALITIES[name].input_modality]
         keys = (name, *kind.block_sources)

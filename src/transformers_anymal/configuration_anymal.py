@@ -75,6 +75,8 @@ MODALITIES: dict[str, ModalitySpec] = {
 }
 BUILT_IN = frozenset(MODALITIES)
 INPUT_MODALITIES = ("image", "video", "audio", "time")  # the kinds of media the processor reads (media_anymal.py)
+# config fields (`text_config`) and chat-row columns (`messages`, `prompt`, `completion`) a modality's name would shadow
+RESERVED_NAMES = ("text", "message", "messages", "prompt", "completion")
 
 
 @auto_docstring(custom_intro="Configuration of [`AnyMALIMUEncoder`], compatible with IMU2CLIP's `MW2StackRNNPooling`.")
@@ -284,10 +286,20 @@ def register_modality(name: str, spec: ModalitySpec) -> None:
         raise ValueError(f"Modality name {name!r} must be a valid Python identifier, e.g. 'depth'.")
     if name in BUILT_IN:
         raise ValueError(f"{name!r} is a built-in modality; register a new one under another name.")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"{name!r} names something else in configs or chat rows ({', '.join(RESERVED_NAMES)}); "
+                         "pick another modality name.")
+    argument = spec.argument or name
+    for other, known in MODALITIES.items():
+        taken = {"token": known.token == spec.token, "input_name": known.input_name == spec.input_name,
+                 "argument": known.argument == argument}
+        if other != name and any(taken.values()):
+            field = next(field for field, same in taken.items() if same)
+            raise ValueError(f"ModalitySpec.{field} of {name!r} is already {other!r}'s; give each modality its own.")
     if spec.input_modality not in INPUT_MODALITIES:
         raise ValueError(f"ModalitySpec(input_modality={spec.input_modality!r}) is not a kind of media the processor "
                          f"reads; use one of {list(INPUT_MODALITIES)}.")
-    MODALITIES[name] = replace(spec, argument=spec.argument or name)
+    MODALITIES[name] = replace(spec, argument=argument)
     AnyMALConfig.sub_configs_defaults[f"{name}_config"] = _encoder_sub_config(spec)
 
 
@@ -310,6 +322,16 @@ def register_recorded_modalities(recorded: dict[str, dict] | None) -> None:
     for name, spec in (recorded or {}).items():
         if name not in MODALITIES:
             register_modality(name, ModalitySpec.from_dict(spec))
+            continue
+        known = MODALITIES[name].to_dict()
+        differing = [key for key, value in ModalitySpec.from_dict(spec).to_dict().items()
+                     if known.get(key) != value and not (key == "preprocess" and value is None)]
+        if differing:
+            raise ValueError(
+                f"This checkpoint's {name!r} modality differs from the one registered in this process in "
+                f"{differing}; a process holds one spec per name: load it in a fresh process, or register the "
+                f"modality under another name when building one of the two."
+            )
 
 
 __all__ = ["AnyMALConfig", "AnyMALIMUConfig", "MODALITIES", "ModalitySpec", "register_modality", "unregister_modality"]

@@ -246,6 +246,8 @@ class AudioKind(MediaKind):
             return item["path"]
         if isinstance(item, dict) and isinstance(item.get("array"), list):  # a plain struct column
             return {"array": np.asarray(item["array"], dtype=np.float32), "sampling_rate": item["sampling_rate"]}
+        if isinstance(item, list):  # a plain list column of samples
+            return np.asarray(item, dtype=np.float32)
         return item
 
 

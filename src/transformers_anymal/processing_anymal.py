@@ -225,7 +225,8 @@ class AnyMALProcessor(ProcessorMixin):
         given = {"images": images, "videos": videos, "audio": audio, "imu": imu}
         given.update({spec.argument: kwargs.pop(spec.argument) for spec in MODALITIES.values() if spec.argument in kwargs})
         # kwargs sections of added modalities (`<argument>_kwargs`), which transformers' merging does not know
-        sections = {section: kwargs.pop(section, {}) for section in map(_section, MODALITIES)
+        # (they take options only there, not as flat keywords)
+        sections = {section: dict(kwargs.pop(section, {})) for section in map(_section, MODALITIES)
                     if section not in AnyMALProcessorKwargs.__annotations__}
         flat_rates = {name: kwargs.pop(f"{MODALITIES[name].argument}_sampling_rate", None) for name in MODALITIES
                       if _kind(name).timed}  # imu_sampling_rate=..., the flat form of imu_kwargs={"sampling_rate": ...}
