@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -92,16 +93,35 @@ def test_4bit_training_keeps_trainable_weights_in_full_precision(setup, tmp_path
         assert all(torch.equal(base[key], trained[key]) for key in keys), name
 
 
+def test_cached_features_are_read_as_arrays_in_their_stored_dtype(tmp_path):
+    from datasets import Dataset, DatasetDict, Features, List, Value
+
+    from transformers_anymal.training_anymal import load_dataset_dict
+
+    features = np.random.default_rng(0).standard_normal((2, 5, 4)).astype(np.float16)  # two items of (5, 4)
+    rows = Dataset.from_dict({"kind": ["image"], "image_features": [list(features)]},
+                             features=Features({"kind": Value("string"),
+                                                "image_features": List(List(List(Value("float16"))))}))
+    DatasetDict({"train": rows}).save_to_disk(tmp_path / "cache")
+    [row] = load_dataset_dict(tmp_path / "cache", from_disk=True)["train"]
+    assert row["image_features"].dtype == np.float16 and np.array_equal(row["image_features"], features)
+    assert row["kind"] == "image"
+
+
 def test_alignment_on_cached_encoder_features(setup, tmp_path):
     from datasets import load_from_disk
 
     from transformers_anymal import AnyMALDataCollator
+    from transformers_anymal.training_anymal import load_dataset_dict
 
     run_python(EXAMPLES / "cache_features.py", "--model_name_or_path", setup["base"], "--dataset_name",
                setup["data"], "--dataset_from_disk", "--imu_sampling_rate", "100", "--output_dir",
                tmp_path / "features", timeout=300)
-    raw, cached = load_from_disk(setup["data"])["train"], load_from_disk(tmp_path / "features")["train"]
+    raw, cached = load_from_disk(setup["data"])["train"], load_dataset_dict(tmp_path / "features", from_disk=True)["train"]
     assert "images" not in cached.column_names and "image_features" in cached.column_names
+    row = next(row for row in cached if len(row["image_features"]))  # the recipes read features as arrays
+    assert isinstance(row["image_features"], np.ndarray) and row["image_features"].dtype == np.float32
+    assert isinstance(row["messages"], list)  # the other columns as they were
     model = AutoModelForMultimodalLM.from_pretrained(setup["base"]).eval()
     collator = AnyMALDataCollator(AutoProcessor.from_pretrained(setup["base"]), sampling_rates={"imu": 100})
     on_the_fly, from_cache = collator([raw[i] for i in range(8)]), collator([cached[i] for i in range(8)])

@@ -66,8 +66,23 @@ def parse_recipe_args(dataclasses: tuple, description: str, argv: list[str] | No
 
 
 def load_dataset_dict(name: str, from_disk: bool = False, config: str | None = None):
-    """The recipes' and scripts' datasets: `load_from_disk(name)`, or `load_dataset(name, config)`."""
-    return load_from_disk(name) if from_disk else load_dataset(name, name=config)
+    """The recipes' and scripts' datasets: `load_from_disk(name)`, or `load_dataset(name, config)`, with cached
+    encoder features read as arrays (`features_as_arrays`)."""
+    return features_as_arrays(load_from_disk(name) if from_disk else load_dataset(name, name=config))
+
+
+def features_as_arrays(dataset):
+    """`dataset` (a Dataset or DatasetDict) with its cached encoder features (`<modality>_features` columns, as
+    `examples/cache_features.py` writes them) read as numpy arrays in their stored dtype; the other columns as they
+    were. datasets' default Python format turns every number of them into a Python float: about 30 times slower for
+    ViT-L features (benchmarks/bench_feature_cache.py)."""
+    if hasattr(dataset, "items"):
+        return type(dataset)({split: features_as_arrays(rows) for split, rows in dataset.items()})
+    columns = [column for column in dataset.column_names if column.endswith("_features")]
+    if not columns:
+        return dataset
+    # dtype=None: as stored (datasets' numpy format would otherwise turn float16 into float32)
+    return dataset.with_format("numpy", columns=columns, output_all_columns=True, dtype=None)
 
 
 def load_base_model(model_args: ModelConfig, **kwargs) -> AnyMALForConditionalGeneration:
