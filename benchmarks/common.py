@@ -59,8 +59,36 @@ def processor_for(config: AnyMALConfig):
     return processor
 
 
+def free_memory_bytes(device: str) -> int:
+    """What `device` has free: the GPU's free memory, or the machine's available memory for the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def refuse_what_does_not_fit(size: str, device: str, dtype: torch.dtype, image_tokens: int = 64):
+    """Exits, saying what `size` needs, when AnyMAL, LLaVA and the bare LLM (three copies of the language model, two
+    of the vision tower) would not fit in `device`'s free memory; the models are counted on the meta device."""
+    with torch.device("meta"):
+        anymal = AnyMALForConditionalGeneration(anymal_config(size, image_tokens))
+        llm = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in text_config(size).items() if k != "model_type"}))
+    vision = sum(p.numel() for p in anymal.model.encoders["image"].parameters())
+    parameters = 2 * sum(p.numel() for p in anymal.parameters()) + sum(p.numel() for p in llm.parameters()) - vision
+    needed, free = parameters * dtype.itemsize, free_memory_bytes(device)
+    if needed > 0.9 * free:
+        raise SystemExit(
+            f"--size {size} builds AnyMAL, LLaVA and the bare LLM side by side: {parameters / 1e9:.1f}B parameters, "
+            f"{needed / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} before any activation, but {device} has "
+            f"{free / 2**30:.1f} GiB free. Use --size cpu here, or --device cuda on a GPU with that much free memory "
+            "(bf16 there)."
+        )
+
+
 def build_models(size: str, device: str, dtype: torch.dtype, image_tokens: int = 64):
     """AnyMAL, LLaVA and the bare LLM with the same language model weights and the same vision tower."""
+    refuse_what_does_not_fit(size, device, dtype, image_tokens)
     torch.manual_seed(0)
     anymal = AnyMALForConditionalGeneration(anymal_config(size, image_tokens)).to(device, dtype).eval()
     llava = LlavaForConditionalGeneration(LlavaConfig(

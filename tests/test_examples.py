@@ -1,5 +1,7 @@
 import re
 
+import pytest
+
 from anymal_tester import TINY
 from child_process import run_python
 
@@ -55,9 +57,23 @@ def test_help_of_the_inference_scripts_answers_before_importing_torch():
 
 
 def test_benchmarks_document_their_options():
-    for script in ("run_all.py", "bench_inference.py", "bench_training.py", "bench_processor.py"):
+    for script in ("run_all.py", "bench_inference.py", "bench_training.py", "bench_processor.py",
+                   "bench_feature_cache.py"):
         result = run_python(TINY.parents[1] / "benchmarks" / script, "--help", timeout=300)
         assert "--quick" in result.stdout and "--device" in result.stdout
+
+
+def test_the_inference_benchmark_refuses_what_the_machine_cannot_hold():
+    # three fp32 copies of a 7B language model and two ViT-L towers: about 75 GiB
+    with open("/proc/meminfo") as meminfo:
+        available = int(next(line for line in meminfo if line.startswith("MemAvailable")).split()[1]) * 1024
+    if available > 100 * 2**30:
+        pytest.skip("this machine could hold the 7B benchmark's models")
+    result = run_python(TINY.parents[1] / "benchmarks" / "bench_inference.py", "--size", "7b", "--quick",
+                        check=False, timeout=300)
+    assert result.returncode != 0
+    assert re.search(r"--size 7b builds AnyMAL, LLaVA and the bare LLM side by side: \d+\.\dB parameters, "
+                     r"\d+\.\d GiB in float32 .* Use --size cpu here", result.stderr), result.stderr[-500:]
 
 
 def test_evaluate_writes_a_report_per_group(tmp_path):
