@@ -3,14 +3,16 @@
     python benchmarks/bench_feature_cache.py [--quick]
 
 Stage 1 on a feature cache is only as fast as the cache can be read. A cache of CLIP ViT-L/14-336 features (577 x 1024
-per image) is written with `examples/cache_features.py`'s column types, in fp16 and in fp32, and read back in batches
-the way the recipes read it: `load_dataset_dict` (features as numpy arrays), row by row, into `AnyMALDataCollator`.
-Beside it, in the same interleaved rounds: the same rows read in datasets' default Python format (every number a
-Python float), and JPEG files decoded and preprocessed for ViT-L/14-336 (CLIPImageProcessor at 336 px), which is
-what stage 1 does without a cache. Samples per second are medians over the rounds, with one thread.
+per image) is written with `examples/cache_features.py`'s column types (flat items and their shape), in fp16 and in
+fp32, and read back in batches the way the recipes read it: `load_dataset_dict` (features as numpy arrays), row by
+row, into `AnyMALDataCollator`. Beside it, in the same interleaved rounds: nested items (each a list of 577 lists)
+in the same numpy format, the flat cache in datasets' default Python format (every number a Python float), and JPEG
+files decoded and preprocessed for ViT-L/14-336 (CLIPImageProcessor at 336 px), which is what stage 1 does without a
+cache. Samples per second are medians over the rounds, with one thread.
 """
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,17 +28,29 @@ from transformers_anymal.training_anymal import load_dataset_dict
 from common import ROOT, median_seconds, parse_args, print_table
 
 
+sys.path.insert(0, str(ROOT.parent / "examples"))
+from cache_features import feature_columns  # noqa: E402
+
+
 SEQUENCE, WIDTH = 577, 1024  # ViT-L/14 at 336 px: 24 x 24 patches and the class token
 CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]},
         {"role": "assistant", "content": "a handwritten seven"}]
 
 
-def write_cache(folder: Path, rows: int, dtype: str) -> Path:
+def write_cache(folder: Path, rows: int, dtype: str, nested: bool = False) -> Path:
+    """A cache as `examples/cache_features.py` writes it (flat items and their shape), or with nested items."""
     rng = np.random.default_rng(0)
-    features = Features({"image_features": List(List(List(Value(dtype))))})  # as cache_features.feature_type
-    data = {"image_features": [[rng.standard_normal((SEQUENCE, WIDTH)).astype(dtype)] for _ in range(rows)]}
-    Dataset.from_dict(data, features=features).save_to_disk(folder / dtype)
-    return folder / dtype
+    items = [rng.standard_normal((SEQUENCE, WIDTH)).astype(dtype) for _ in range(rows)]
+    if nested:
+        features = Features({"image_features": List(List(List(Value(dtype))))})
+        data = {"image_features": [[item] for item in items]}
+    else:
+        features = Features(feature_columns("image", dtype))
+        data = {"image_features": [[item.reshape(-1)] for item in items],
+                "image_feature_shape": [[SEQUENCE, WIDTH]] * rows}
+    path = folder / f"{dtype}{'-nested' * nested}"
+    Dataset.from_dict(data, features=features).save_to_disk(path)
+    return path
 
 
 def write_jpegs(folder: Path, count: int) -> list[str]:
@@ -74,9 +88,11 @@ def main(argv=None) -> dict:
                 images = [Image.open(path).convert("RGB") for path in jpegs[start : start + batch_size]]
                 clip(images, return_tensors="pt")
 
+        nested = write_cache(folder, rows, "float16", nested=True)
         arms = {f"cache {dtype}, as the recipes read it": read(load_dataset_dict(path, from_disk=True))
                 for dtype, path in caches.items()}
-        arms.update({f"cache {dtype}, Python format": read(load_from_disk(path)) for dtype, path in caches.items()})
+        arms["cache float16, nested items, numpy format"] = read(load_dataset_dict(nested, from_disk=True))
+        arms["cache float16, Python format"] = read(load_from_disk(caches["float16"]))
         arms["JPEG decode + ViT-L/14-336 preprocessing"] = decode_and_preprocess
         seconds = {name: [] for name in arms}
         for _ in range(repeats):  # interleaved, so that the machine's load falls on every arm alike
@@ -89,6 +105,7 @@ def main(argv=None) -> dict:
     results = {
         "cached_fp16_samples_per_second": rates["cache float16, as the recipes read it"],
         "cached_fp32_samples_per_second": rates["cache float32, as the recipes read it"],
+        "nested_items_fp16_samples_per_second": rates["cache float16, nested items, numpy format"],
         "python_format_fp16_samples_per_second": rates["cache float16, Python format"],
         "jpeg_preprocess_samples_per_second": jpeg,
         "rows": rows, "batch_size": batch_size, "repeats": repeats, "threads": torch.get_num_threads(),

@@ -5,9 +5,11 @@
     accelerate launch examples/align.py --model_name_or_path anymal-7b-init --dataset_name my-captions-features \\
         --dataset_from_disk --output_dir anymal-7b-aligned
 
-Each row keeps its chat and gets a `<modality>_features` column (one array per item, in block order) in place of
-its media columns; AnyMALDataCollator then passes them to the model as `encoder_features`. Features are what the
-encoders give before the projectors, so the projectors still train. Written with `save_to_disk`.
+Each row keeps its chat and gets a `<modality>_features` column (one flat array per item, in block order) and a
+`<modality>_feature_shape` column (one item's shape) in place of its media columns; AnyMALDataCollator then passes
+them to the model as `encoder_features`. Features are what the encoders give before the projectors, so the
+projectors still train. Written with `save_to_disk`. Items are stored flat because datasets converts nested lists to
+numpy element by element (about 70 ViT-L items/s per core here) and flat ones whole (over 2,000/s).
 """
 
 import argparse
@@ -52,31 +54,28 @@ def main(argv: list[str] | None = None):
             items = iter([] if values is None else model.model.get_encoder_features(name, values.to(args.device)).cpu().numpy())
             counts = [sum(block.get("type") == name for message in chat if isinstance(message["content"], list)
                           for block in message["content"]) for chat in chats]
-            features[f"{name}_features"] = [[next(items).astype(args.dtype) for _ in range(count)] for count in counts]
+            per_row = [[next(items).astype(args.dtype) for _ in range(count)] for count in counts]
+            features[f"{name}_features"] = [[item.reshape(-1) for item in row] for row in per_row]
+            features[f"{name}_feature_shape"] = [list(row[0].shape) if row else [] for row in per_row]
         return features
 
     for split, rows in dataset.items():
         media = [column for name in names for column in media_columns(name) if column in rows.column_names]
         features = Features({**{column: kind for column, kind in rows.features.items() if column not in media},
-                             **{f"{name}_features": feature_type(name, args.dtype) for name in names}})
+                             **{column: kind for name in names for column, kind in feature_columns(name, args.dtype).items()}})
         dataset[split] = rows.map(encode, with_indices=True, batched=True, batch_size=args.batch_size,
                                   remove_columns=media, features=features, desc=f"encoding {split}")
     dataset.save_to_disk(args.output_dir)
     print(f"Saved {', '.join(f'{split}: {len(rows)} rows' for split, rows in dataset.items())} to {args.output_dir}")
 
 
-def feature_type(name: str, dtype: str):
-    """A list (one entry per item) of what `get_encoder_features` gives per item: a vector for linear projectors, a sequence of
-    vectors for Perceiver ones, one sequence per frame for video. Declared up front, since a row without items of a
-    modality would otherwise fix the column's type."""
+def feature_columns(name: str, dtype: str) -> dict:
+    """The columns of one modality's features: per row, one flat array per item and the shape of an item (what
+    `get_encoder_features` gives per item). Declared up front, since a row without items of a modality would
+    otherwise fix the column's type."""
     from datasets import List, Value
 
-    from transformers_anymal import MODALITIES
-
-    feature = Value(dtype)
-    for _ in range(MODALITIES[name].feature_rank + 1):  # one list per item dimension, and the list of items
-        feature = List(feature)
-    return feature
+    return {f"{name}_features": List(List(Value(dtype))), f"{name}_feature_shape": List(Value("int32"))}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The training recipes, run as users run them, on the tiny model and a small chat dataset, on CPU."""
 
+import importlib.util
 import os
 import re
 import shutil
@@ -96,16 +97,31 @@ def test_4bit_training_keeps_trainable_weights_in_full_precision(setup, tmp_path
 def test_cached_features_are_read_as_arrays_in_their_stored_dtype(tmp_path):
     from datasets import Dataset, DatasetDict, Features, List, Value
 
+    from transformers_anymal import AnyMALDataCollator
     from transformers_anymal.training_anymal import load_dataset_dict
 
-    features = np.random.default_rng(0).standard_normal((2, 5, 4)).astype(np.float16)  # two items of (5, 4)
-    rows = Dataset.from_dict({"kind": ["image"], "image_features": [list(features)]},
-                             features=Features({"kind": Value("string"),
-                                                "image_features": List(List(List(Value("float16"))))}))
-    DatasetDict({"train": rows}).save_to_disk(tmp_path / "cache")
-    [row] = load_dataset_dict(tmp_path / "cache", from_disk=True)["train"]
-    assert row["image_features"].dtype == np.float16 and np.array_equal(row["image_features"], features)
-    assert row["kind"] == "image"
+    spec = importlib.util.spec_from_file_location("cache_features", EXAMPLES / "cache_features.py")
+    cache_features = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cache_features)
+    feature_columns = cache_features.feature_columns
+
+    items = np.random.default_rng(0).standard_normal((2, 5, 4)).astype(np.float16)  # two items of (5, 4)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]},
+            {"role": "assistant", "content": "no"}]
+    layouts = {  # as cache_features.py writes them (flat, with the shape), and nested
+        "flat": ({"image_features": [[item.reshape(-1) for item in items]], "image_feature_shape": [[5, 4]]},
+                 feature_columns("image", "float16")),
+        "nested": ({"image_features": [list(items)]}, {"image_features": List(List(List(Value("float16"))))}),
+    }
+    collator = AnyMALDataCollator(AutoProcessor.from_pretrained(TINY))
+    for name, (data, columns) in layouts.items():
+        rows = Dataset.from_dict({"kind": ["pair"], **data}, features=Features({"kind": Value("string"), **columns}))
+        DatasetDict({"train": rows}).save_to_disk(tmp_path / name)
+        [row] = load_dataset_dict(tmp_path / name, from_disk=True)["train"]
+        assert isinstance(row["image_features"], np.ndarray) and row["image_features"].dtype == np.float16, name
+        assert row["kind"] == "pair", name  # the other columns as they were
+        features = collator([{**row, "messages": chat}])["encoder_features"]["image"]
+        assert features.dtype == torch.float16 and torch.equal(features, torch.from_numpy(items)), name
 
 
 def test_alignment_on_cached_encoder_features(setup, tmp_path):
@@ -121,6 +137,7 @@ def test_alignment_on_cached_encoder_features(setup, tmp_path):
     assert "images" not in cached.column_names and "image_features" in cached.column_names
     row = next(row for row in cached if len(row["image_features"]))  # the recipes read features as arrays
     assert isinstance(row["image_features"], np.ndarray) and row["image_features"].dtype == np.float32
+    assert row["image_features"].ndim == 2 and len(row["image_feature_shape"]) == 2  # flat items and their shape
     assert isinstance(row["messages"], list)  # the other columns as they were
     model = AutoModelForMultimodalLM.from_pretrained(setup["base"]).eval()
     collator = AnyMALDataCollator(AutoProcessor.from_pretrained(setup["base"]), sampling_rates={"imu": 100})

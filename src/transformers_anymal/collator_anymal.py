@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .configuration_anymal import MODALITIES
@@ -28,7 +29,8 @@ class AnyMALDataCollator:
     column or `sampling_rates` here. Rows in a batch may carry different modalities.
 
     Rows written by `examples/cache_features.py` hold each item's frozen-encoder features in `<modality>_features`
-    columns instead of media; their batches carry `encoder_features` and the encoders do not run.
+    columns instead of media (flat, with the item's shape in `<modality>_feature_shape`, or as nested arrays); their
+    batches carry `encoder_features` and the encoders do not run.
 
     `labels` are the input ids on the assistant's answers (with their end-of-turn token) and -100 everywhere else:
     system and user text, placeholders and padding.
@@ -79,7 +81,7 @@ class AnyMALDataCollator:
                    for name in served}
         remaining = {name: ([row[column]] if column == name else list(row[column])) if column else []
                      for name, column in columns.items()}
-        cached = {name: list(row[f"{name}_features"]) for name in served if row.get(f"{name}_features") is not None}
+        cached = {name: _cached_items(row, name) for name in served if row.get(f"{name}_features") is not None}
         chat = []
         for message_index, message in enumerate(messages):
             if not isinstance(message, dict) or "content" not in message:
@@ -160,6 +162,14 @@ class AnyMALDataCollator:
                     f"{name} row {index} uses {', '.join(missing)} but the model takes only {modalities}; drop those "
                     f"rows or use a model with {' and '.join(f'{m}_config' for m in missing)}."
                 )
+
+
+def _cached_items(row: dict, name: str) -> list:
+    """A row's cached features of `name`, one array per item: flat items take the row's `<name>_feature_shape`."""
+    items, shape = row[f"{name}_features"], row.get(f"{name}_feature_shape")
+    if shape is None or len(shape) == 0:
+        return list(items)
+    return [np.asarray(item).reshape(tuple(int(size) for size in shape)) for item in items]
 
 
 __all__ = ["AnyMALDataCollator"]

@@ -72,13 +72,13 @@ def load_dataset_dict(name: str, from_disk: bool = False, config: str | None = N
 
 
 def features_as_arrays(dataset):
-    """`dataset` (a Dataset or DatasetDict) with its cached encoder features (`<modality>_features` columns, as
-    `examples/cache_features.py` writes them) read as numpy arrays in their stored dtype; the other columns as they
-    were. datasets' default Python format turns every number of them into a Python float: about 30 times slower for
-    ViT-L features (benchmarks/bench_feature_cache.py)."""
+    """`dataset` (a Dataset or DatasetDict) with its cached encoder features (`<modality>_features` and
+    `<modality>_feature_shape` columns, as `examples/cache_features.py` writes them) read as numpy arrays in their
+    stored dtype; the other columns as they were. datasets' default Python format turns every number of them into a
+    Python float (benchmarks/bench_feature_cache.py compares the two)."""
     if hasattr(dataset, "items"):
         return type(dataset)({split: features_as_arrays(rows) for split, rows in dataset.items()})
-    columns = [column for column in dataset.column_names if column.endswith("_features")]
+    columns = [column for column in dataset.column_names if column.endswith(("_features", "_feature_shape"))]
     if not columns:
         return dataset
     # dtype=None: as stored (datasets' numpy format would otherwise turn float16 into float32)
