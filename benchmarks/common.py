@@ -2,6 +2,7 @@
 
 import argparse
 import ctypes
+import os
 import statistics
 import threading
 import time
@@ -20,17 +21,21 @@ VOCAB = 32000
 IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, AUDIO_TOKEN_ID, IMU_TOKEN_ID = 384, 385, 386, 387
 
 
+SIZES = ("cpu", "1b", "7b")
+
+
 def text_config(size: str) -> dict:
-    """`cpu`: a ~100M-parameter Llama; `7b`: Llama-2-7B's shapes."""
-    shapes = {"cpu": (768, 2048, 8, 12), "7b": (4096, 11008, 32, 32)}[size]
-    hidden, intermediate, layers, heads = shapes
+    """`cpu`: a ~100M-parameter Llama; `1b`: Llama-3.2-1B's shapes (1.2B); `7b`: Llama-2-7B's shapes."""
+    shapes = {"cpu": (768, 2048, 8, 12, 12), "1b": (2048, 8192, 16, 32, 8), "7b": (4096, 11008, 32, 32, 32)}[size]
+    hidden, intermediate, layers, heads, kv_heads = shapes
     return {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": intermediate,
-            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
             "max_position_embeddings": 4096}
 
 
 def vision_config(size: str) -> dict:
-    """`cpu`: CLIP ViT-B/16 at 224 px (196 patches); `7b`: CLIP ViT-L/14 at 336 px as in LLaVA-1.5 (576 patches)."""
+    """`cpu`: CLIP ViT-B/16 at 224 px (196 patches); `1b`, `7b`: CLIP ViT-L/14 at 336 px as in LLaVA-1.5 (576
+    patches)."""
     if size == "cpu":
         return {"model_type": "clip_vision_model", "hidden_size": 768, "intermediate_size": 3072,
                 "num_hidden_layers": 12, "num_attention_heads": 12, "image_size": 224, "patch_size": 16}
@@ -165,12 +170,20 @@ def parse_args(description: str, output_name: str, argv=None, **extra_options):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small batches, few repeats (CPU smoke run)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on cuda)")
-    parser.add_argument("--size", default=None, choices=["cpu", "7b"], help="model shapes (default: by device)")
+    parser.add_argument("--size", default=None, choices=SIZES,
+                        help="model shapes: cpu (100M Llama, ViT-B/16), 1b (Llama-3.2-1B, ViT-L/14-336), 7b "
+                             "(Llama-2-7B, ViT-L/14-336); default: cpu, or 7b on cuda")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="weights and activations (default: bfloat16 on cuda, float32 on cpu; CPUs with AMX or "
+                             "AVX-512 BF16 run bfloat16 several times faster)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core), fixed for the run")
     parser.add_argument("--output", default=str(ROOT / output_name), help="where to write the JSON results")
     for name, (kind, default, help_text) in extra_options.items():
         parser.add_argument(f"--{name}", type=kind, default=default, help=help_text)
     args = parser.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
     args.size = args.size or ("7b" if on_gpu else "cpu")
-    args.dtype = torch.bfloat16 if on_gpu else torch.float32  # bf16 where SDPA/flash attention apply
+    args.dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if on_gpu else torch.float32
+    args.threads = args.threads or os.cpu_count()
+    torch.set_num_threads(args.threads)
     return args

@@ -1,6 +1,7 @@
 """Runs every benchmark side by side and writes `benchmarks/latest.json`.
 
     python benchmarks/run_all.py --quick            # CPU, about 5 minutes on 2 cores
+    python benchmarks/run_all.py --size 1b --dtype bfloat16   # the standard scenario: 1B Llama, ViT-L/14-336
     python benchmarks/run_all.py --device cuda      # GPU: bf16, Llama-2-7B and ViT-L/14-336 shapes
 
 latest.json holds every script's results and the headline ratios: ttft_ratio_vs_llava, decode_ratio_vs_bare_llm,
@@ -31,11 +32,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the short CPU run of every benchmark")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--size", choices=["cpu", "1b", "7b"], help="model shapes of the inference benchmark")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="precision (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--output", default=str(ROOT / "latest.json"), help="where to write the combined JSON")
     args = parser.parse_args()
-    common = ["--device", args.device, *(["--quick"] if args.quick else [])]
+    common = ["--device", args.device, *(["--quick"] if args.quick else []), *(["--dtype", args.dtype] if args.dtype else [])]
+    inference = ["--size", args.size] if args.size else []
     results = {
-        "inference": bench_inference.main(common + ["--output", str(ROOT / "inference.json")]),
+        "inference": bench_inference.main(common + inference + ["--output", str(ROOT / "inference.json")]),
         "training": bench_training.main(common + ["--output", str(ROOT / "training.json")]),
         "processor": bench_processor.main(common + ["--output", str(ROOT / "processor.json")]),
     }
