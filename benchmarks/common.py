@@ -174,8 +174,8 @@ def parse_args(description: str, output_name: str, argv=None, **extra_options):
                         help="model shapes: cpu (100M Llama, ViT-B/16), 1b (Llama-3.2-1B, ViT-L/14-336), 7b "
                              "(Llama-2-7B, ViT-L/14-336); default: cpu, or 7b on cuda")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                        help="weights and activations (default: bfloat16 on cuda, float32 on cpu; CPUs with AMX or "
-                             "AVX-512 BF16 run bfloat16 several times faster)")
+                        help="weights and activations (default: bfloat16 on cuda, float32 on cpu; CPUs with AMX run "
+                             "bfloat16 matmuls several times faster than float32)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core), fixed for the run")
     parser.add_argument("--output", default=str(ROOT / output_name), help="where to write the JSON results")
     for name, (kind, default, help_text) in extra_options.items():
