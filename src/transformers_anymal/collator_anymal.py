@@ -6,8 +6,7 @@ import numpy as np
 import torch
 
 from .configuration_anymal import MODALITIES
-from .media_anymal import MEDIA_KINDS
-from .processing_anymal import AnyMALProcessor, EncoderFeatures
+from .processing_anymal import AnyMALProcessor, EncoderFeatures, media_kind
 
 
 def media_columns(name: str) -> tuple[str, str]:
@@ -119,7 +118,7 @@ class AnyMALDataCollator:
         name = block.get("type")
         if name not in remaining:  # not a modality the processor serves: it refuses the block by name
             return block
-        kind = MEDIA_KINDS[MODALITIES[name].input_modality]
+        kind = media_kind(name)
         keys = (name, *kind.block_sources)
         if any(block.get(key) is not None for key in keys):  # keys holding None, as datasets gives them
             item = block.get(name)

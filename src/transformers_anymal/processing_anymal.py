@@ -93,7 +93,8 @@ class EncoderFeatures:
         self.features = torch.as_tensor(np.asarray(features)) if not isinstance(features, torch.Tensor) else features
 
 
-def _kind(name: str) -> MediaKind:
+def media_kind(name: str) -> MediaKind:
+    """How items of modality `name` are recognised and read: the media kind its spec names."""
     return MEDIA_KINDS[MODALITIES[name].input_modality]
 
 
@@ -103,7 +104,7 @@ def _section(name: str) -> str:
 
 
 def _is_item(name: str, value) -> bool:
-    return isinstance(value, EncoderFeatures) or _kind(name).is_item(value)
+    return isinstance(value, EncoderFeatures) or media_kind(name).is_item(value)
 
 
 class AnyMALIMUKwargs(TypedDict, total=False):
@@ -229,7 +230,7 @@ class AnyMALProcessor(ProcessorMixin):
         sections = {section: dict(kwargs.pop(section, {})) for section in map(_section, MODALITIES)
                     if section not in AnyMALProcessorKwargs.__annotations__}
         flat_rates = {name: kwargs.pop(f"{MODALITIES[name].argument}_sampling_rate", None) for name in MODALITIES
-                      if _kind(name).timed}  # imu_sampling_rate=..., the flat form of imu_kwargs={"sampling_rate": ...}
+                      if media_kind(name).timed}  # imu_sampling_rate=..., the flat form of imu_kwargs={"sampling_rate": ...}
         options = self._merge_kwargs(AnyMALProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         options.update(sections)
         options["audio_kwargs"] = {key: value for key, value in options["audio_kwargs"].items()
@@ -283,7 +284,7 @@ class AnyMALProcessor(ProcessorMixin):
             return []
         if _is_item(name, items):
             items = [items]
-        elif hasattr(items, "ndim") and items.ndim != max(item_ndim := _kind(name).item_ndim) + 1:
+        elif hasattr(items, "ndim") and items.ndim != max(item_ndim := media_kind(name).item_ndim) + 1:
             dims = " or ".join(f"{ndim}-D" for ndim in item_ndim)
             raise ValueError(f"{argument}: an array of shape {tuple(items.shape)} is neither one {name} ({dims}) nor "
                              f"a stack of them ({max(item_ndim) + 1}-D); see AnyMALProcessor.__call__.")
@@ -325,7 +326,7 @@ class AnyMALProcessor(ProcessorMixin):
                 f"{name}: the {name} modality was registered from a saved config, which cannot record its preprocessing "
                 f"function; run the same register_modality({name!r}, ModalitySpec(..., preprocess=...)) first."
             )
-        kind, preprocessor = _kind(name), getattr(self, preprocess)
+        kind, preprocessor = media_kind(name), getattr(self, preprocess)
         items = [self._load(name, index, kind.read, item, preprocessor, options) for index, item in enumerate(items)]
         try:
             return kind.preprocess(preprocessor, items, options)
@@ -416,7 +417,7 @@ class AnyMALProcessor(ProcessorMixin):
                 preprocessor = getattr(self, MODALITIES[name].preprocess)
                 per_conversation = [
                     [item if isinstance(item, EncoderFeatures)
-                     else self._load(name, index, _kind(name).read, item, preprocessor, {}) for index, item in enumerate(sample)]
+                     else self._load(name, index, media_kind(name).read, item, preprocessor, {}) for index, item in enumerate(sample)]
                     for sample in per_conversation
                 ]
             arguments[argument] = per_conversation if any(per_conversation) else None
@@ -436,7 +437,7 @@ class AnyMALProcessor(ProcessorMixin):
 
     def _block_item(self, name: str, block: dict, where: str, index: int):
         """The item a media block holds, as the processor's argument for `name` takes it."""
-        kind = _kind(name)
+        kind = media_kind(name)
         keys = (name, *kind.block_sources)
         # keys holding None are absent (datasets gives every row of a column of blocks every key)
         values = [block[key] for key in keys if block.get(key) is not None]
