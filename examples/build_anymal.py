@@ -23,6 +23,7 @@ from transformers import (
     AutoTokenizer,
     ClapFeatureExtractor,
     CLIPImageProcessor,
+    set_seed,
 )
 
 from transformers_anymal import (
@@ -50,14 +51,31 @@ def parse_args(argv=None):
     parser.add_argument("--audio_encoder", help="CLAP checkpoint; its audio tower encodes audio")
     parser.add_argument("--imu_encoder", help="AnyMALIMUEncoder directory (examples/convert_imu2clip_checkpoint.py)")
     parser.add_argument("--config", help="AnyMAL config to take num_tokens, num_frames and resampler settings from")
+    parser.add_argument("--num_tokens", type=_num_tokens, default={},
+                        help="LLM tokens per item by modality, e.g. image=4,video=4,audio=2 (over --config's)")
     parser.add_argument("--chat_template", default="auto",
                         help="auto (the LLM's format: ChatML if its template uses <|im_start|>, else Llama-2-chat), "
                              "llama2, chatml, or a .jinja file")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--seed", type=int, default=0, help="for the new projectors and placeholder embeddings")
     parser.add_argument("--output_dir", required=True, help="where to save the model and processor")
     parser.add_argument("--push_to_hub", action="store_true", help="also push model and processor to the Hub")
     parser.add_argument("--hub_model_id", help="repo for --push_to_hub (default: the output_dir name)")
     return parser.parse_args(argv)
+
+
+def _num_tokens(text: str) -> dict[str, int]:
+    """`image=4,audio=2` -> {"image": 4, "audio": 2}"""
+    try:
+        pairs = dict(item.split("=") for item in text.split(","))
+        counts = {name.strip(): int(count) for name, count in pairs.items()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give modality=count pairs, e.g. image=4,audio=2") from None
+    if unknown := set(counts) - set(MODALITIES):
+        raise argparse.ArgumentTypeError(f"unknown modalities {sorted(unknown)}; known: {list(MODALITIES)}")
+    if any(count < 1 for count in counts.values()):
+        raise argparse.ArgumentTypeError(f"{text!r}: every count must be at least 1")
+    return counts
 
 
 def load_encoder(path: str, tower: str, dtype):
@@ -81,6 +99,7 @@ def load_encoder(path: str, tower: str, dtype):
 
 def main(argv=None):
     args = parse_args(argv)
+    set_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     encoders = {}
     if args.image_encoder:
@@ -96,6 +115,9 @@ def main(argv=None):
     if not modalities:
         raise SystemExit("Give at least one of --image_encoder, --audio_encoder, --imu_encoder.")
 
+    if extra := set(args.num_tokens) - set(modalities):
+        raise SystemExit(f"--num_tokens names {sorted(extra)}, which this model does not take ({modalities}).")
+
     tokenizer = AutoTokenizer.from_pretrained(args.llm)
     tokenizer.add_special_tokens({"additional_special_tokens": [MODALITIES[name].token for name in modalities]})
     if tokenizer.pad_token is None:  # Llama-2 has none; batched generation pads on the left
@@ -110,8 +132,8 @@ def main(argv=None):
         **{f"{name}_config": encoder.config for name, encoder in encoders.items()},
         **{f"{name}_token_id": tokenizer.convert_tokens_to_ids(MODALITIES[name].token) for name in modalities},
         **{key: getattr(settings, key) for key in SETTINGS if key != "num_tokens"},
-        num_tokens={name: settings.num_tokens.get(name, MODALITIES[name].num_tokens)
-                    for name in modalities} if settings.num_tokens else None,
+        num_tokens={name: args.num_tokens.get(name, (settings.num_tokens or {}).get(name, MODALITIES[name].num_tokens))
+                    for name in modalities},
         dtype=args.dtype,
     )
 

@@ -112,6 +112,22 @@ def test_composed_model_keeps_every_components_weights(parts):
     assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
 
 
+def test_num_tokens_sets_tokens_per_item_over_the_configs(parts):
+    root = parts["root"]
+    result = build("--llm", root / "llm", "--image_encoder", root / "clip", "--config", TINY, "--num_tokens",
+                   "image=2,video=3", "--output_dir", root / "few-tokens")
+    assert result.returncode == 0, result.stderr
+    processor = AutoProcessor.from_pretrained(root / "few-tokens")
+    assert AutoModelForMultimodalLM.from_pretrained(root / "few-tokens").config.num_tokens == {"image": 2, "video": 3}
+    chat = [{"role": "user", "content": [{"type": "image", "image": np.zeros((32, 32, 3), np.uint8)}]}]
+    assert processor.apply_chat_template(chat, tokenize=False).count("<image>") == 2
+    for option, message in [("image=0", "at least 1"), ("depth=2", "unknown modalities"),
+                            ("image:2", "modality=count pairs"), ("audio=2", "which this model does not take")]:
+        result = build("--llm", root / "llm", "--image_encoder", root / "clip", "--num_tokens", option,
+                       "--output_dir", root / "refused")
+        assert result.returncode != 0 and message in result.stderr, (option, result.stderr[-500:])
+
+
 def test_the_chat_template_follows_the_llms_format(parts):
     root = parts["root"]
     build("--llm", root / "chatml-llm", "--imu_encoder", root / "imu", "--output_dir", root / "chatml")
