@@ -167,6 +167,21 @@ def test_instruction_tuning_trains_adapters_and_projectors(setup, tmp_path):
         assert torch.allclose(tuned(**inputs).logits, merged(**inputs).logits, atol=1e-5)
 
 
+def test_lora_target_modules_pick_the_language_models_layers_by_name():
+    from trl import ModelConfig
+
+    from transformers_anymal.training_anymal import lora_config
+
+    model = tiny_model()
+    every = lora_config(model, ModelConfig()).target_modules
+    attention = lora_config(model, ModelConfig(lora_target_modules=["q_proj", "v_proj"])).target_modules
+    assert every and all(".language_model." in name for name in every)  # never an encoder's or projector's layer
+    assert {name.rsplit(".", 1)[-1] for name in every} > {"q_proj", "v_proj"}
+    assert attention == [name for name in every if name.endswith(("q_proj", "v_proj"))]
+    with pytest.raises(ValueError, match="names none of the language model's linear layers.*q_proj"):
+        lora_config(model, ModelConfig(lora_target_modules=["query"]))
+
+
 def test_qlora_instruction_tuning_from_a_yaml_config(setup, tmp_path):
     (tmp_path / "recipe.yaml").write_text("max_steps: 2\nload_in_4bit: true\nlora_r: 4\nmerge: true\n")
     recipe("sft.py", setup, tmp_path, "--config", tmp_path / "recipe.yaml")

@@ -196,9 +196,19 @@ def peft_model(model: nn.Module, peft_config: PeftConfig):
 
 
 def lora_config(model: AnyMALForConditionalGeneration, model_args: ModelConfig) -> LoraConfig:
-    """LoRA on every linear layer of the language model (not the encoders); the projectors train in full."""
-    targets = [name for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and ".language_model." in f".{name}"]
+    """LoRA on the language model's linear layers (not the encoders'): all of them, or those whose last name part is
+    in `--lora_target_modules` (e.g. `q_proj v_proj`); the projectors train in full."""
+    linear = [name for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and ".language_model." in f".{name}"]
+    wanted = model_args.lora_target_modules
+    if wanted in (None, [], "all-linear", ["all-linear"]):
+        targets = linear
+    else:
+        wanted = [wanted] if isinstance(wanted, str) else wanted
+        targets = [name for name in linear if name.rsplit(".", 1)[-1] in wanted]
+    if not targets:
+        raise ValueError(f"--lora_target_modules {' '.join(wanted)} names none of the language model's linear layers; "
+                         f"their names end in {sorted({name.rsplit('.', 1)[-1] for name in linear})}.")
     return LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
