@@ -11,6 +11,7 @@ Steps 3-6 run the same scripts, with the options printed, that scale to anymal-7
 """
 
 import json
+import os
 import shlex
 import time
 from pathlib import Path
@@ -36,6 +37,10 @@ def run_demo(output_dir: str = "outputs/anymal-demo", seed: int = 0, verbose: bo
     everything else goes to `<output_dir>/run.log` (to the terminal too when `verbose`)."""
     if PartialState().num_processes > 1:
         raise ValueError("The demo runs in one process; launch it without --num_processes/--multi_gpu.")
+    if not torch.cuda.is_available():
+        # `accelerate launch` without `--cpu` sets OMP_NUM_THREADS=1, leaving a CPU's other cores idle: the demo, one
+        # process, uses every core it may run on (`taskset` limits them)
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
         say(f"{out} holds an earlier run: every step runs again and overwrites it.")
