@@ -22,6 +22,7 @@ IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, AUDIO_TOKEN_ID, IMU_TOKEN_ID = 384, 385, 386, 38
 
 
 SIZES = ("cpu", "1b", "7b")
+DTYPES = ("float32", "bfloat16")
 
 
 def text_config(size: str) -> dict:
@@ -173,7 +174,7 @@ def parse_args(description: str, output_name: str, argv=None, **extra_options):
     parser.add_argument("--size", default=None, choices=SIZES,
                         help="model shapes: cpu (100M Llama, ViT-B/16), 1b (Llama-3.2-1B, ViT-L/14-336), 7b "
                              "(Llama-2-7B, ViT-L/14-336); default: cpu, or 7b on cuda")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
                         help="weights and activations (default: bfloat16 on cuda, float32 on cpu; CPUs with AMX run "
                              "bfloat16 matmuls several times faster than float32)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core), fixed for the run")
@@ -184,6 +185,6 @@ def parse_args(description: str, output_name: str, argv=None, **extra_options):
     on_gpu = args.device.startswith("cuda")
     args.size = args.size or ("7b" if on_gpu else "cpu")
     args.dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if on_gpu else torch.float32
-    args.threads = args.threads or os.cpu_count()
+    args.threads = args.threads or len(os.sched_getaffinity(0))  # the cores this process may run on
     torch.set_num_threads(args.threads)
     return args

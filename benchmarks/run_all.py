@@ -25,15 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_inference  # noqa: E402
 import bench_processor  # noqa: E402
 import bench_training  # noqa: E402
-from common import ROOT  # noqa: E402
+from common import DTYPES, ROOT, SIZES  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the short CPU run of every benchmark")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--size", choices=["cpu", "1b", "7b"], help="model shapes of the inference benchmark")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="precision (default: bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--size", choices=SIZES, help="model shapes of the inference benchmark")
+    parser.add_argument("--dtype", choices=DTYPES, help="precision (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--output", default=str(ROOT / "latest.json"), help="where to write the combined JSON")
     args = parser.parse_args()
     common = ["--device", args.device, *(["--quick"] if args.quick else []), *(["--dtype", args.dtype] if args.dtype else [])]

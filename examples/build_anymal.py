@@ -132,7 +132,7 @@ def main(argv=None):
         **{f"{name}_config": encoder.config for name, encoder in encoders.items()},
         **{f"{name}_token_id": tokenizer.convert_tokens_to_ids(MODALITIES[name].token) for name in modalities},
         **{key: getattr(settings, key) for key in SETTINGS if key != "num_tokens"},
-        num_tokens={name: args.num_tokens.get(name, (settings.num_tokens or {}).get(name, MODALITIES[name].num_tokens))
+        num_tokens={name: args.num_tokens.get(name, settings.num_tokens.get(name, MODALITIES[name].num_tokens))
                     for name in modalities},
         dtype=args.dtype,
     )

@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForMultimodalLM,
@@ -123,6 +124,15 @@ def test_num_tokens_sets_tokens_per_item_over_the_configs(parts):
     chat = [{"role": "user", "content": [{"type": "image", "image": np.zeros((32, 32, 3), np.uint8)}]}]
     inputs = processor.apply_chat_template(chat, tokenize=True, return_dict=True, return_tensors="pt")
     assert (inputs["input_ids"] == config.image_token_id).sum() == 2  # the processor expands each item to 2 tokens
+
+    # --seed (default 0) fixes the new weights: the same seed rebuilds them bit for bit, another does not
+    for name, seed in (("same-seed", "0"), ("other-seed", "1")):
+        build("--llm", root / "llm", "--image_encoder", root / "clip", "--config", TINY, "--num_tokens",
+              "image=2,video=3", "--seed", seed, "--output_dir", root / name)
+    weights = {name: load_file(root / name / "model.safetensors") for name in ("few-tokens", "same-seed", "other-seed")}
+    new = [key for key in weights["few-tokens"] if ".projectors." in key or "embed_tokens" in key]
+    assert all(torch.equal(weights["few-tokens"][key], weights["same-seed"][key]) for key in new)
+    assert not all(torch.equal(weights["few-tokens"][key], weights["other-seed"][key]) for key in new)
     for option, message in [("image=0", "at least 1"), ("depth=2", "unknown modalities"),
                             ("image:2", "modality=count pairs"), ("audio=2", "which this model does not take")]:
         result = run_python(SCRIPT, "--llm", root / "llm", "--image_encoder", root / "clip", "--num_tokens", option,

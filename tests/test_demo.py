@@ -2,6 +2,7 @@
 screen, and leaves a checkpoint that the README's snippets use."""
 
 import json
+import os
 import re
 
 from anymal_tester import TINY
@@ -36,6 +37,8 @@ def test_main_job_learns_from_real_data_and_meets_its_targets(tmp_path):
     assert "outputs/anymal-demo/run.log" in result.stdout and "cached data" in result.stdout
     log = (tmp_path / "outputs" / "anymal-demo" / "run.log").read_text()
     assert "accelerate launch examples/align.py --model_name_or_path" in log and '"overall"' in log
+    # every core it may run on, although `accelerate launch` without --cpu sets OMP_NUM_THREADS=1
+    assert f"torch threads: {len(os.sched_getaffinity(0))}\n" in log
     assert not re.search(r"Warning|WARNING", result.stderr), result.stderr[-3000:]
 
     # the README's snippets that use the final checkpoint run as written and print answers

@@ -68,6 +68,7 @@ def run_steps(out: Path, seed: int) -> dict:
     start = time.time()
     step = lambda text: say(f"\n[{time.time() - start:5.0f}s] {text}")  # noqa: E731
 
+    print(f"torch threads: {torch.get_num_threads()}")
     step("1/6 data: digits, moving digits, spoken digits, BasicMotions")
     media = load_media(seed)
     dataset = build_demo_dataset(media, seed)
