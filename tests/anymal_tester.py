@@ -78,14 +78,18 @@ def write_audio(path, seconds=1.0, sampling_rate=16000, seed=0) -> str:
     return str(path)
 
 
-def write_video(path, gray_levels=tuple(range(0, 240, 12)), fps=10, size=32) -> str:
-    """An mp4 whose frame i is uniformly gray at level gray_levels[i], so sampled frames can be identified."""
+def write_video(path, gray_levels=tuple(range(0, 240, 12)), fps=10, size=32, codec="mpeg4",
+                keyframe_interval=None) -> str:
+    """A video file (its container from the file name) whose frame i is uniformly gray at level gray_levels[i], so
+    sampled frames can be identified."""
     import av
 
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
+        stream = container.add_stream(codec, rate=fps)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
+        if keyframe_interval:
+            stream.codec_context.gop_size = keyframe_interval
         for level in gray_levels:
             frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), level, dtype=np.uint8), format="rgb24")
             container.mux(stream.encode(frame))

@@ -58,9 +58,19 @@ def test_help_of_the_inference_scripts_answers_before_importing_torch():
 
 def test_benchmarks_document_their_options():
     for script in ("run_all.py", "bench_inference.py", "bench_training.py", "bench_processor.py",
-                   "bench_feature_cache.py"):
+                   "bench_feature_cache.py", "bench_video_decode.py"):
         result = run_python(TINY.parents[1] / "benchmarks" / script, "--help", timeout=300)
         assert "--quick" in result.stdout and "--device" in result.stdout
+
+
+def test_the_video_decoding_benchmark_compares_the_same_frames_on_every_encoding(tmp_path):
+    import json
+
+    run_python(TINY.parents[1] / "benchmarks" / "bench_video_decode.py", "--quick", "--output", tmp_path / "out.json",
+               timeout=600)
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert len(results["results"]) == 4 and all(arm["same_frames"] for arm in results["results"].values())
+    assert results["video_decode_speedup"] == results["results"]["H.264, keyframe every 2 s"]["speedup"] > 0
 
 
 def test_the_inference_benchmark_refuses_what_the_machine_cannot_hold():

@@ -178,6 +178,86 @@ def test_video_frames_are_sampled_uniformly_over_the_clip(processor, media):
     assert np.allclose(frames.float().mean((1, 2, 3)).numpy(), expected, atol=6)
 
 
+class CountingContainer:
+    """A PyAV container that counts the frames its packets decode."""
+
+    def __init__(self, container):
+        self.container, self.decoded = container, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.container.close()
+
+    def __getattr__(self, name):
+        return getattr(self.container, name)
+
+    def demux(self, *streams):
+        for packet in self.container.demux(*streams):
+            yield CountingPacket(packet, self)
+
+
+class CountingPacket:
+    def __init__(self, packet, container):
+        self.packet, self.container = packet, container
+
+    def __getattr__(self, name):
+        return getattr(self.packet, name)
+
+    def decode(self):
+        frames = self.packet.decode()
+        self.container.decoded += len(frames)
+        return frames
+
+
+def test_video_files_decode_only_around_the_sampled_frames_and_give_load_videos_frames(tmp_path, monkeypatch):
+    import av
+    from transformers.video_utils import load_video
+
+    from transformers_anymal.video_processing_anymal import read_sampled_frames
+
+    # H.264 (libx264) with a keyframe every 12 frames: 60 frames, each its own gray level
+    levels = [(37 * index) % 256 for index in range(60)]
+    path = write_video(tmp_path / "clip.mp4", gray_levels=levels, codec="libx264", keyframe_interval=12)
+    video_processor = AutoProcessor.from_pretrained(TINY).video_processor
+    loaded = {}
+    for options in ({"num_frames": 8}, {"num_frames": 3}, {"fps": 2}):
+        def sample(metadata, options=options, **kwargs):
+            return video_processor.sample_frames(metadata, **options)
+
+        frames, metadata = read_sampled_frames(path, sample)
+        expected, expected_metadata = loaded[str(options)] = load_video(path, backend="pyav", sample_indices_fn=sample)
+        assert np.array_equal(frames, expected), options  # bit for bit
+        assert list(metadata.frames_indices) == list(expected_metadata.frames_indices)
+        assert np.allclose(frames.mean((1, 2, 3)), [levels[i] for i in metadata.frames_indices], atol=3)
+        assert (metadata.total_num_frames, metadata.fps) == (60, 10.0)
+
+    # load_video decodes every frame up to the last sampled one (57 of 60 for 8 frames); this reader far fewer
+    opened = []
+    open_file = av.open
+    monkeypatch.setattr(av, "open", lambda *args, **kwargs: opened.append(CountingContainer(open_file(*args, **kwargs)))
+                        or opened[-1])
+    frames, metadata = read_sampled_frames(path, lambda metadata, **kwargs: video_processor.sample_frames(metadata, 8))
+    assert metadata.frames_indices[-1] == 56 and np.array_equal(frames, loaded[str({"num_frames": 8})][0])
+    assert opened[0].decoded < 2 / 3 * 57, opened[0].decoded
+
+
+def test_video_files_shorter_than_num_frames_repeat_frames_as_arrays_do(processor, tmp_path):
+    path = write_video(tmp_path / "three.mp4", gray_levels=(0, 100, 200))
+    frames = processor.video_processor(path, do_normalize=False, do_rescale=False,
+                                       return_tensors="pt")["pixel_values_videos"][0]
+    assert frames.shape == (4, 3, 32, 32)  # num_frames, as for a 3-frame array (below)
+    assert np.allclose(frames.float().mean((1, 2, 3)).numpy(), [0, 100, 100, 200], atol=6)  # frames 0, 1, 1, 2
+
+
+def test_video_files_whose_container_does_not_count_frames_decode(processor, tmp_path):
+    path = write_video(tmp_path / "clip.mkv")  # Matroska stores no frame count
+    frames = processor.video_processor(path, do_normalize=False, do_rescale=False,
+                                       return_tensors="pt")["pixel_values_videos"][0]
+    assert np.allclose(frames.float().mean((1, 2, 3)).numpy(), [24, 84, 144, 204], atol=6)  # as the mp4 above
+
+
 def test_video_arrays_are_sampled_to_num_frames(processor):
     clip = np.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)  # shorter than num_frames
     assert processor(text="<video>", videos=clip, return_tensors="pt")["pixel_values_videos"].shape == (1, 4, 3, 32, 32)
