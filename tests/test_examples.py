@@ -73,6 +73,34 @@ def test_the_video_decoding_benchmark_compares_the_same_frames_on_every_encoding
     assert results["video_decode_speedup"] == results["results"]["H.264, keyframe every 2 s"]["speedup"] > 0
 
 
+def test_results_md_shows_the_latest_run_as_rendered_from_latest_json(monkeypatch, tmp_path):
+    import json
+
+    benchmarks = TINY.parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    import render_results
+
+    latest = json.loads((benchmarks / "latest.json").read_text())
+    results_md = (benchmarks / "RESULTS.md").read_text()
+    section = results_md.split(render_results.BEGIN, 1)[1].split(render_results.END, 1)[0]
+    assert section == "\n" + render_results.render(latest)  # no figure typed by hand, none stale
+    assert latest["machine"]["name"] in section and latest["versions"]["transformers"] in section
+
+    # a new run replaces the section and keeps the hand-written notes around it
+    copy = tmp_path / "RESULTS.md"
+    copy.write_text(results_md)
+    latest["date"] = "2099-01-01"
+    render_results.write(latest, copy)
+    rewritten = copy.read_text()
+    assert rewritten.count(render_results.BEGIN) == 1 and "## Latest run: 2099-01-01" in rewritten
+    assert rewritten.replace(render_results.render(latest), "") == results_md.replace(section[1:], "")
+    # a RESULTS.md without the section gets it after its title
+    before, after = results_md.split(render_results.BEGIN)
+    copy.write_text(before.rstrip() + after.split(render_results.END)[1])
+    render_results.write(json.loads((benchmarks / "latest.json").read_text()), copy)
+    assert copy.read_text() == results_md
+
+
 def test_the_inference_benchmark_refuses_what_the_machine_cannot_hold():
     # three fp32 copies of a 7B language model and two ViT-L towers: about 75 GiB
     with open("/proc/meminfo") as meminfo:
