@@ -126,6 +126,24 @@ def test_the_cache_continues_a_forward_under_either_name():
             model(**inputs, cache=cache, past_key_values=type(cache)())
 
 
+def test_a_decoding_step_takes_a_sampled_placeholder_as_a_token_and_looks_for_none(monkeypatch):
+    model = tiny_model()
+    inputs = make_inputs(model.config, [ALL])
+    scans, find = [], type(model.model).placeholder_positions
+    monkeypatch.setattr(type(model.model), "placeholder_positions",
+                        lambda self, name, *args: scans.append(name) or find(self, name, *args))
+    with torch.no_grad():
+        cache = getattr(model(**inputs, use_cache=True), CACHE_NAME)
+        scans.clear()
+        # a manual decoding loop whose model sampled <image>: an ordinary token, no error, no scan (a host sync)
+        step = model(input_ids=torch.full((1, 1), model.config.image_token_id), **{CACHE_NAME: cache})
+        assert scans == [] and step.logits.shape[:2] == (1, 1) and torch.isfinite(step.logits).all()
+        # placeholders in a new prompt on the cache still need their media
+        with pytest.raises(ValueError, match="placeholder tokens but no image input"):
+            model(input_ids=torch.full((1, model.config.num_tokens["image"]), model.config.image_token_id),
+                  **{CACHE_NAME: cache})
+
+
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_batched_generation_equals_one_by_one(num_beams):
     model = tiny_model()

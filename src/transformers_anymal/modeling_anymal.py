@@ -455,8 +455,12 @@ class AnyMALModel(AnyMALPreTrainedModel):
         modality_values: dict[str, torch.Tensor | None],
         encoder_features: dict[str, torch.Tensor] | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        decoding: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Replaces every placeholder run in `inputs_embeds` with its item's projected tokens."""
+        """Replaces every placeholder run in `inputs_embeds` with its item's projected tokens. Placeholders without
+        their modality's input are an error, except when `decoding` (one new token on a cache): a placeholder there
+        is a token the model generated, an ordinary token, and not looking for one spares a device-to-host sync per
+        step."""
         encoder_features, mm_encoder_outputs = encoder_features or {}, mm_encoder_outputs or {}
         unknown = (set(encoder_features) | set(mm_encoder_outputs)) - set(self.config.modality_specs)
         if unknown:
@@ -478,7 +482,7 @@ class AnyMALModel(AnyMALPreTrainedModel):
                 features = self.get_modality_features(name, modality_values.get(name), encoder_features.get(name))
                 projected[name] = features
                 features = features.flatten(0, 1)
-            elif (name in self.config.modalities and input_ids is not None  # ids only: decoding steps pass embeddings
+            elif (not decoding and input_ids is not None and name in self.config.modalities
                   and self.placeholder_positions(name, input_ids, inputs_embeds).any()):
                 raise ValueError(
                     f"The text has {spec.token} placeholder tokens but no {name} input was given; pass "
@@ -532,7 +536,8 @@ class AnyMALModel(AnyMALPreTrainedModel):
             inputs_embeds, projected = self.continue_prompt_embeds(prompt_embeds, inputs_embeds, start), {}
         else:
             inputs_embeds, projected = self.embed_modalities(
-                input_ids, inputs_embeds, modality_values, encoder_features, mm_encoder_outputs
+                input_ids, inputs_embeds, modality_values, encoder_features, mm_encoder_outputs,
+                decoding=cache is not None and inputs_embeds.shape[1] == 1,
             )
         outputs = self.language_model(
             attention_mask=attention_mask,
