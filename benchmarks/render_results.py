@@ -46,9 +46,11 @@ def render(latest: dict) -> str:
         [kind, f"{row['on_the_fly_samples_per_s']:.2f}", f"{row['cached_samples_per_s']:.2f}",
          f"{row['ideal_samples_per_s']:.2f}", f"{row['speedup']:.2f}×", f"{row['ideal_speedup']:.2f}×",
          f"{row['speedup'] / row['ideal_speedup']:.0%}"] for kind, row in training["results"].items() if kind != "stage2"])
+    lines += ["Stage 2, LoRA against QLoRA (4-bit NF4 language model):", ""]
     lines += table(["stage 2", "samples/s", "peak MB"], [[name, f"{row['samples_per_s']:.2f}", f"{row['peak_mb']:.0f}"]
                                                         for name, row in training["results"]["stage2"].items()])
     processor = results["processor"]
+    lines += ["Items per second the processor prepares against those the model encodes and projects:", ""]
     lines += table(["modality", "processor items/s", "model items/s", "ratio"], [
         [name, f"{row['processor_items_per_s']:.1f}", f"{row['model_items_per_s']:.1f}",
          f"{row['processor_items_per_s'] / row['model_items_per_s']:.2f}"] for name, row in processor["results"].items()])
