@@ -243,6 +243,30 @@ def test_video_files_decode_only_around_the_sampled_frames_and_give_load_videos_
     assert opened[0].decoded < 2 / 3 * 57, opened[0].decoded
 
 
+def test_video_urls_decode_like_their_files(processor, media, monkeypatch):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from transformers_anymal import video_processing_anymal
+
+    reads, read = [], video_processing_anymal.read_sampled_frames
+    monkeypatch.setattr(video_processing_anymal, "read_sampled_frames", lambda *args: reads.append(args) or read(*args))
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(media["folder"]))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/clip.mp4"
+        from_url = processor(text="<video>", videos=url, return_tensors="pt")["pixel_values_videos"]
+        from_file = processor(text="<video>", videos=media["video"], return_tensors="pt")["pixel_values_videos"]
+        assert torch.equal(from_url, from_file) and len(reads) == 2  # both through the seeking reader
+        with pytest.raises(ValueError, match=r"video: cannot decode .*missing\.mp4.*404"):
+            processor(text="<video>", videos=url.replace("clip", "missing"), return_tensors="pt")
+    finally:
+        server.shutdown()
+
+
 def test_video_files_shorter_than_num_frames_repeat_frames_as_arrays_do(processor, tmp_path):
     path = write_video(tmp_path / "three.mp4", gray_levels=(0, 100, 200))
     frames = processor.video_processor(path, do_normalize=False, do_rescale=False,

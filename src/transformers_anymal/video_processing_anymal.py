@@ -1,7 +1,9 @@
 """Video processor for AnyMAL: uniform frame sampling over the clip's duration, then CLIP's image preprocessing."""
 
+import io
 import os
 from bisect import bisect_right
+from urllib.parse import urlparse
 
 import numpy as np
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
@@ -50,11 +52,19 @@ class AnyMALVideoProcessor(BaseVideoProcessor):
             return load_video(video_url_or_urls, backend="torchcodec", sample_indices_fn=sample_indices_fn)
         if isinstance(video_url_or_urls, (str, os.PathLike)) and os.path.isfile(video_url_or_urls):
             return read_sampled_frames(os.fspath(video_url_or_urls), sample_indices_fn)
-        return load_video(video_url_or_urls, backend="pyav", sample_indices_fn=sample_indices_fn)  # URLs, arrays
+        if isinstance(video_url_or_urls, str) and urlparse(video_url_or_urls).scheme in ("http", "https") and not (
+            urlparse(video_url_or_urls).netloc.endswith("youtube.com")
+        ):
+            import httpx
+
+            response = httpx.get(video_url_or_urls, follow_redirects=True)
+            response.raise_for_status()
+            return read_sampled_frames(io.BytesIO(response.content), sample_indices_fn)
+        return load_video(video_url_or_urls, backend="pyav", sample_indices_fn=sample_indices_fn)  # YouTube, arrays
 
 
-def read_sampled_frames(path: str, sample_indices_fn) -> tuple[np.ndarray, VideoMetadata]:
-    """The frames of the video file at `path` that `sample_indices_fn(metadata=...)` picks, decoded with PyAV, and the
+def read_sampled_frames(path: str | io.BytesIO, sample_indices_fn) -> tuple[np.ndarray, VideoMetadata]:
+    """The frames of the video file at `path` (or in a file object) that `sample_indices_fn(metadata=...)` picks, decoded with PyAV, and the
     clip's metadata, as `transformers.video_utils.load_video(path, backend="pyav")` returns them: frame `i` is the
     `i`-th frame in presentation order, and the frames are the same, bit for bit.
 
@@ -65,13 +75,14 @@ def read_sampled_frames(path: str, sample_indices_fn) -> tuple[np.ndarray, Video
     repeats its frame, as array clips do."""
     import av
 
+    name = path if isinstance(path, str) else "the video"
     with av.open(path) as container:
         stream = container.streams.video[0]
         stamps = [(packet.pts, packet.is_keyframe) for packet in container.demux(stream) if packet.pts is not None]
         timestamps = sorted(pts for pts, _ in stamps)
         keyframes = sorted(pts for pts, keyframe in stamps if keyframe)
         if not timestamps or not keyframes:
-            raise ValueError(f"{path}: the video stream has no timestamped frames to decode.")
+            raise ValueError(f"{name}: the stream has no timestamped frames to decode.")
         fps = stream.average_rate
         total = stream.frames or len(timestamps)  # containers such as Matroska do not store the count
         metadata = VideoMetadata(total_num_frames=int(total), fps=float(fps), duration=float(total / fps) if fps else 0.0,
@@ -102,7 +113,7 @@ def read_sampled_frames(path: str, sample_indices_fn) -> tuple[np.ndarray, Video
             else:  # the stream ended: the next frame needs a new seek
                 position = None
             if target not in frames:
-                raise ValueError(f"{path}: the frame at timestamp {target} could not be decoded.")
+                raise ValueError(f"{name}: the frame at timestamp {target} could not be decoded.")
         stream.codec_context.skip_frame = "DEFAULT"
     metadata.frames_indices = np.asarray(indices)
     return np.stack([frames[timestamps[min(index, len(timestamps) - 1)]] for index in indices]), metadata
