@@ -64,9 +64,9 @@ class AnyMALVideoProcessor(BaseVideoProcessor):
 
 
 def read_sampled_frames(path: str | io.BytesIO, sample_indices_fn) -> tuple[np.ndarray, VideoMetadata]:
-    """The frames of the video file at `path` (or in a file object) that `sample_indices_fn(metadata=...)` picks, decoded with PyAV, and the
-    clip's metadata, as `transformers.video_utils.load_video(path, backend="pyav")` returns them: frame `i` is the
-    `i`-th frame in presentation order, and the frames are the same, bit for bit.
+    """The frames of the video at `path` (a file, or a file object) that `sample_indices_fn(metadata=...)` picks,
+    decoded with PyAV, and the clip's metadata, as `transformers.video_utils.load_video(path, backend="pyav")`
+    returns them: frame `i` is the `i`-th frame in presentation order, and the frames are the same, bit for bit.
 
     `load_video` decodes every frame up to the last one sampled. Here a pass over the packets (no decoding) finds each
     frame's timestamp and the keyframes; decoding then starts at the keyframe before each sampled frame (or goes on
