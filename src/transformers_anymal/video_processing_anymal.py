@@ -52,9 +52,8 @@ class AnyMALVideoProcessor(BaseVideoProcessor):
             return load_video(video_url_or_urls, backend="torchcodec", sample_indices_fn=sample_indices_fn)
         if isinstance(video_url_or_urls, (str, os.PathLike)) and os.path.isfile(video_url_or_urls):
             return read_sampled_frames(os.fspath(video_url_or_urls), sample_indices_fn)
-        if isinstance(video_url_or_urls, str) and urlparse(video_url_or_urls).scheme in ("http", "https") and not (
-            urlparse(video_url_or_urls).netloc.endswith("youtube.com")
-        ):
+        url = urlparse(video_url_or_urls) if isinstance(video_url_or_urls, str) else None
+        if url and url.scheme in ("http", "https") and not url.netloc.endswith("youtube.com"):
             import httpx
 
             response = httpx.get(video_url_or_urls, follow_redirects=True)
@@ -88,7 +87,8 @@ def read_sampled_frames(path: str | io.BytesIO, sample_indices_fn) -> tuple[np.n
         metadata = VideoMetadata(total_num_frames=int(total), fps=float(fps), duration=float(total / fps) if fps else 0.0,
                                  video_backend="pyav", height=stream.height, width=stream.width)
         indices = [int(index) for index in sample_indices_fn(metadata=metadata)]
-        wanted = {timestamps[min(index, len(timestamps) - 1)] for index in indices}
+        sampled = [timestamps[min(index, len(timestamps) - 1)] for index in indices]  # the count may overstate
+        wanted = set(sampled)
         frames = {}
         position = None  # timestamp of the last frame decoded, None before the first and after the stream ends
         for target in sorted(wanted):
@@ -114,9 +114,8 @@ def read_sampled_frames(path: str | io.BytesIO, sample_indices_fn) -> tuple[np.n
                 position = None
             if target not in frames:
                 raise ValueError(f"{name}: the frame at timestamp {target} could not be decoded.")
-        stream.codec_context.skip_frame = "DEFAULT"
     metadata.frames_indices = np.asarray(indices)
-    return np.stack([frames[timestamps[min(index, len(timestamps) - 1)]] for index in indices]), metadata
+    return np.stack([frames[timestamp] for timestamp in sampled]), metadata
 
 
 __all__ = ["AnyMALVideoProcessor"]
