@@ -25,11 +25,11 @@ from transformers import AutoProcessor, CLIPImageProcessor
 from transformers_anymal import AnyMALDataCollator
 from transformers_anymal.training_anymal import load_dataset_dict
 
-from common import ROOT, median_seconds, parse_args, print_table
+from common import ROOT, median_seconds, parse_args, print_table, write_jpegs
 
 
 sys.path.insert(0, str(ROOT.parent / "examples"))
-from cache_features import feature_columns  # noqa: E402
+from cache_features import feature_columns, feature_values  # noqa: E402
 
 
 SEQUENCE, WIDTH = 577, 1024  # ViT-L/14 at 336 px: 24 x 24 patches and the class token
@@ -46,22 +46,10 @@ def write_cache(folder: Path, rows: int, dtype: str, nested: bool = False) -> Pa
         data = {"image_features": [[item] for item in items]}
     else:
         features = Features(feature_columns("image", dtype))
-        data = {"image_features": [[item.reshape(-1)] for item in items],
-                "image_feature_shape": [[SEQUENCE, WIDTH]] * rows}
+        data = feature_values("image", [[item] for item in items])
     path = folder / f"{dtype}{'-nested' * nested}"
     Dataset.from_dict(data, features=features).save_to_disk(path)
     return path
-
-
-def write_jpegs(folder: Path, count: int) -> list[str]:
-    rng = np.random.default_rng(0)
-    paths = []
-    for index in range(count):  # photo-sized, smooth enough to compress like one
-        pixels = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
-        image = Image.fromarray(pixels).resize((640, 480), Image.Resampling.BICUBIC)
-        paths.append(str(folder / f"{index}.jpg"))
-        image.save(paths[-1], quality=90)
-    return paths
 
 
 def main(argv=None) -> dict:
@@ -74,7 +62,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         caches = {dtype: write_cache(folder, rows, dtype) for dtype in ("float16", "float32")}
-        jpegs = write_jpegs(folder, rows)
+        jpegs = write_jpegs(folder, rows, 640, 480)
 
         def read(dataset):
             def run():

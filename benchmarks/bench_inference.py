@@ -23,7 +23,7 @@ from transformers_anymal.compatibility_anymal import CACHE_NAME
 from common import (
     IMAGE_TOKEN_ID,
     build_models,
-    median_seconds,
+    interleaved_seconds,
     parse_args,
     peak_memory_bytes,
     print_table,
@@ -67,19 +67,6 @@ def first_token(model, inputs):
     return run
 
 
-def interleaved_ttft(runs: dict, device: str, repeats: int) -> dict[str, list[float]]:
-    """Seconds per repeat of each `runs[name]`, taken in rounds that alternate the models' order, so that the
-    machine's load and warm caches fall on every model alike."""
-    for run in runs.values():
-        run()  # warm-up
-    seconds = {name: [] for name in runs}
-    for round_index in range(repeats):
-        order = list(runs) if round_index % 2 == 0 else list(reversed(runs))
-        for name in order:
-            seconds[name].append(median_seconds(runs[name], device, repeats=1, warmup=0))
-    return seconds
-
-
 def measure(model, inputs, ttft: list[float], decode_steps: int, device: str, repeats: int) -> dict:
     """The TTFT rounds' median and spread, decode tokens/s on the prompt's KV cache, and peak memory."""
     decode_s = statistics.median(decode_seconds(model, inputs, decode_steps, device) for _ in range(repeats))
@@ -110,20 +97,20 @@ def main(argv=None) -> dict:
         contenders = {"AnyMAL": (anymal, args.image_tokens), "LLaVA": (llava, llava_tokens)}
         inputs = {name: prompt(tokens, prompts, images, args.text_tokens, image_size, device, dtype)
                   for name, (_, tokens) in contenders.items()}
-        ttft = interleaved_ttft({name: first_token(model, inputs[name]) for name, (model, _) in contenders.items()},
-                                device, repeats)
+        ttft = interleaved_seconds({name: first_token(model, inputs[name]) for name, (model, _) in contenders.items()},
+                                   device, repeats)
         per_round = [mine / theirs for mine, theirs in zip(ttft["AnyMAL"], ttft["LLaVA"])]
         ratios[scenario] = {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
         for name, (model, tokens) in contenders.items():
             result = results.setdefault(scenario, {})[name] = measure(model, inputs[name], ttft[name], decode_steps,
-                                                                      device, repeats)
+                                                                         device, repeats)
             rows.append([scenario, name, tokens * images, result["prompt_tokens"],
                          f"{1000 * result['ttft_s']:.0f} ({1000 * result['ttft_min_s']:.0f}-"
                          f"{1000 * result['ttft_max_s']:.0f})",
                          f"{result['decode_tokens_per_s']:.1f}", f"{result['peak_memory_mb']:.0f}"])
     anymal_prompt = prompt(args.image_tokens, 1, 1, args.text_tokens, image_size, device, dtype)
     text_only = {"input_ids": anymal_prompt["input_ids"] % 380, "attention_mask": anymal_prompt["attention_mask"]}
-    bare_ttft = interleaved_ttft({"bare LLM": first_token(bare, text_only)}, device, repeats)["bare LLM"]
+    bare_ttft = interleaved_seconds({"bare LLM": first_token(bare, text_only)}, device, repeats)["bare LLM"]
     results["bare LLM"] = bare_row = measure(bare, text_only, bare_ttft, decode_steps, device, repeats)
     rows.append(["same tokens", "bare LLM", 0, bare_row["prompt_tokens"], f"{1000 * bare_row['ttft_s']:.0f}",
                  f"{bare_row['decode_tokens_per_s']:.1f}", f"{bare_row['peak_memory_mb']:.0f}"])

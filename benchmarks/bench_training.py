@@ -31,27 +31,29 @@ from transformers_anymal.training_anymal import load_dataset_dict, lora_config
 from common import (
     ROOT,
     anymal_config,
+    interleaved_seconds,
     median_seconds,
     parse_args,
     peak_memory_bytes,
     print_table,
     processor_for,
+    write_clip,
+    write_jpegs,
 )
 
 
 sys.path.insert(0, str(ROOT.parent / "examples"))
-from cache_features import feature_columns  # noqa: E402
+from cache_features import feature_columns, feature_values  # noqa: E402
 
 
 CHAT = [{"role": "user", "content": [{"type": "text", "text": "Describe it."}]},
         {"role": "assistant", "content": "the digit seven moves to the left"}]
 
 
-def rows(kind: str, count: int, rng) -> list[dict]:
-    """Chats over in-memory media (stage 2's batches)."""
-    media = ([Image.fromarray(rng.integers(0, 256, (256, 320, 3), dtype=np.uint8))] if kind == "image"
-             else [rng.integers(0, 256, (16, 240, 320, 3), dtype=np.uint8)])
-    return [{"messages": chat(kind), f"{kind}s": media} for _ in range(count)]
+def image_rows(count: int, rng) -> list[dict]:
+    """Chats over an in-memory 320x256 photo (stage 2's batches)."""
+    image = Image.fromarray(rng.integers(0, 256, (256, 320, 3), dtype=np.uint8))
+    return [{"messages": chat("image"), "images": [image]} for _ in range(count)]
 
 
 def chat(kind: str) -> list[dict]:
@@ -59,36 +61,11 @@ def chat(kind: str) -> list[dict]:
     return [{**user, "content": [{"type": kind}, *user["content"]]}, assistant]
 
 
-def write_media(folder: Path, kind: str, count: int, rng) -> list[str]:
+def write_media(folder: Path, kind: str, count: int) -> list[str]:
     """Files as users have them: 320x256 JPEG photos, or 2 s H.264 clips of 320x240 at 8 fps."""
-    import av
-
-    paths = []
-    for index in range(count):
-        # smooth enough to compress like a photo or a camera clip
-        scene = Image.fromarray(rng.integers(0, 256, (32, 80, 3), dtype=np.uint8)).resize((800, 320))
-        paths.append(str(folder / f"{kind}{index}.{'jpg' if kind == 'image' else 'mp4'}"))
-        if kind == "image":
-            scene.crop((0, 0, 320, 256)).save(paths[-1], quality=90)
-            continue
-        pixels = np.asarray(scene)
-        with av.open(paths[-1], "w") as container:
-            stream = container.add_stream("libx264", rate=8)
-            stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
-            for step in range(16):
-                frame = np.ascontiguousarray(pixels[:240, 10 * step: 10 * step + 320])
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())
-    return paths
-
-
-def write_feature_cache(folder: Path, kind: str, features: np.ndarray) -> Path:
-    """`features` (one item per row) as `examples/cache_features.py` stores them."""
-    columns = {f"{kind}_features": [[item.reshape(-1)] for item in features],
-               f"{kind}_feature_shape": [list(features.shape[1:])] * len(features)}
-    path = folder / f"{kind}-features"
-    Dataset.from_dict(columns, features=Features(feature_columns(kind, str(features.dtype)))).save_to_disk(path)
-    return path
+    if kind == "image":
+        return write_jpegs(folder, count, 320, 256)
+    return [write_clip(folder / f"{index}.mp4", 16, 320, 240, 8) for index in range(count)]
 
 
 def train_step(model, optimizer, collator, batch_rows, device):
@@ -102,14 +79,16 @@ def train_step(model, optimizer, collator, batch_rows, device):
 
 def stage1(kind: str, model, processor, device, batch_size: int, repeats: int, folder: Path) -> dict:
     collator = AnyMALDataCollator(processor)
-    from_files = [{"messages": chat(kind), f"{kind}s": [path]}
-                  for path in write_media(folder, kind, batch_size, np.random.default_rng(0))]
+    from_files = [{"messages": chat(kind), f"{kind}s": [path]} for path in write_media(folder, kind, batch_size)]
     with torch.no_grad():
         values = collator(from_files)[MODALITIES[kind].input_name].to(device)
         features = model.model.get_encoder_features(kind, values).cpu().numpy()
-    cache = load_dataset_dict(str(write_feature_cache(folder, kind, features)), from_disk=True)
-    in_memory = [{"messages": chat(kind), f"{kind}_features": [item.reshape(-1)],
-                  f"{kind}_feature_shape": np.asarray(item.shape)} for item in features]
+    columns = feature_values(kind, [[item] for item in features])  # as examples/cache_features.py stores them
+    Dataset.from_dict(columns, features=Features(feature_columns(kind, str(features.dtype)))).save_to_disk(
+        folder / f"{kind}-features")
+    cache = load_dataset_dict(str(folder / f"{kind}-features"), from_disk=True)
+    in_memory = [{"messages": chat(kind), **{column: values[index] for column, values in columns.items()}}
+                 for index in range(batch_size)]
     model.set_trainable(projectors=[kind])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     arms = {
@@ -118,12 +97,7 @@ def stage1(kind: str, model, processor, device, batch_size: int, repeats: int, f
                                      [{**cache[index], "messages": chat(kind)} for index in range(batch_size)], device),
         "ideal": lambda: train_step(model, optimizer, collator, in_memory, device),
     }
-    seconds = {name: [] for name in arms}
-    for arm in arms.values():  # warm-up
-        arm()
-    for round_ in range(repeats):  # interleaved, so that the machine's load falls on every arm alike
-        for name in list(arms)[:: 1 if round_ % 2 == 0 else -1]:
-            seconds[name].append(median_seconds(arms[name], device, repeats=1, warmup=0))
+    seconds = interleaved_seconds(arms, device, repeats)
     on_the_fly, cached, ideal = (float(np.median(seconds[name])) for name in arms)
     return {
         "on_the_fly_samples_per_s": batch_size / on_the_fly, "cached_samples_per_s": batch_size / cached,
@@ -140,7 +114,7 @@ def stage2(model_dir: str, processor, device, batch_size: int, repeats: int, qua
                                                      device_map={"": device} if quantized else None).to(device)
     model = get_peft_model(model, lora_config(model, ModelConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0)))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    collator, batch = AnyMALDataCollator(processor), rows("image", batch_size, np.random.default_rng(1))
+    collator, batch = AnyMALDataCollator(processor), image_rows(batch_size, np.random.default_rng(1))
     step = median_seconds(lambda: train_step(model, optimizer, collator, batch, device), device, repeats)
     peak = peak_memory_bytes(lambda: train_step(model, optimizer, collator, batch, device), device)
     return {"samples_per_s": batch_size / step, "peak_mb": peak / 2**20}

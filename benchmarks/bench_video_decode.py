@@ -11,10 +11,10 @@ camera and streaming encodes), and MPEG-4 Part 2 with PyAV's default of one ever
 the same frames, bit for bit; clips per second are medians of interleaved rounds, on one core.
 """
 
+import functools
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from transformers.video_utils import load_video
 from transformers_anymal import AnyMALVideoProcessor
 from transformers_anymal.video_processing_anymal import read_sampled_frames
 
-from common import parse_args, print_table
+from common import interleaved_seconds, parse_args, print_table, write_clip
 
 
 SECONDS, FPS, WIDTH, HEIGHT, SAMPLED = 10, 30, 640, 360, 8
@@ -33,26 +33,6 @@ ENCODINGS = {  # name: (codec, frames between keyframes, None for the encoder's 
     "H.264, keyframe every 1 s": ("libx264", FPS),
     "MPEG-4 Part 2, PyAV default (keyframe every 12 frames)": ("mpeg4", None),
 }
-
-
-def write_clip(path: Path, codec: str, keyframe_interval: int | None) -> str:
-    """A clip with a moving textured scene, so that inter frames have motion to code."""
-    import av
-
-    rng = np.random.default_rng(0)
-    scene = rng.integers(0, 256, (HEIGHT // 8, 2 * WIDTH // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        if keyframe_interval:
-            stream.codec_context.gop_size = keyframe_interval
-        if codec == "libx264":
-            stream.options = {"preset": "veryfast"}
-        for index in range(SECONDS * FPS):
-            frame = scene[:, 2 * index: 2 * index + WIDTH]
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())
-    return str(path)
 
 
 def main(argv=None) -> dict:
@@ -71,19 +51,16 @@ def main(argv=None) -> dict:
     try:
         with tempfile.TemporaryDirectory() as folder:
             for name, (codec, interval) in ENCODINGS.items():
-                path = write_clip(Path(folder) / f"{codec}-{interval}.mp4", codec, interval)
+                path = write_clip(Path(folder) / f"{codec}-{interval}.mp4", SECONDS * FPS, WIDTH, HEIGHT, FPS, codec,
+                                  interval)
                 frames = [reader(path)[0] for reader in readers.values()]
                 if not np.array_equal(*frames):
                     raise AssertionError(f"{name}: read_sampled_frames returned other frames than load_video")
-                seconds = {reader: [] for reader in readers}
-                for round_ in range(repeats):  # interleaved, alternating which goes first
-                    for reader in list(readers)[:: 1 if round_ % 2 == 0 else -1]:
-                        start = time.perf_counter()
-                        readers[reader](path)
-                        seconds[reader].append(time.perf_counter() - start)
+                seconds = interleaved_seconds({reader: functools.partial(read, path) for reader, read in readers.items()},
+                                              "cpu", repeats)
                 before, after = (1 / float(np.median(times)) for times in seconds.values())
                 results[name] = {"load_video_clips_per_second": before, "read_sampled_frames_clips_per_second": after,
-                                 "speedup": after / before, "same_frames": True}
+                                 "speedup": after / before}
                 rows.append([name, f"{before:.1f}", f"{after:.1f}", f"{after / before:.2f}x"])
     finally:
         os.sched_setaffinity(0, cores)

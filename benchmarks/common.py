@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
@@ -63,6 +64,43 @@ def processor_for(config: AnyMALConfig):
     processor.video_processor.num_frames = config.num_frames
     processor.num_tokens.update(config.num_tokens)
     return processor
+
+
+def write_jpegs(folder: Path, count: int, width: int, height: int) -> list[str]:
+    """`count` photo-sized JPEG files, smooth enough to compress like photos."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(count):
+        pixels = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+        paths.append(str(folder / f"{index}.jpg"))
+        Image.fromarray(pixels).resize((width, height), Image.Resampling.BICUBIC).save(paths[-1], quality=90)
+    return paths
+
+
+def write_clip(path: Path, frames: int, width: int, height: int, fps: int, codec: str = "libx264",
+               keyframe_interval: int | None = None) -> str:
+    """A video file of a textured scene, twice the frame's width, panning 2 pixels a frame (so that inter frames have
+    motion to code); `keyframe_interval` None keeps the encoder's default."""
+    import av
+
+    if 2 * frames > width:
+        raise ValueError(f"{frames} frames would pan past the scene's {2 * width} pixels; at most {width // 2}.")
+    rng = np.random.default_rng(0)
+    scene = rng.integers(0, 256, (height // 8, 2 * width // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if keyframe_interval:
+            stream.codec_context.gop_size = keyframe_interval
+        if codec == "libx264":
+            stream.options = {"preset": "veryfast"}
+        for index in range(frames):
+            frame = np.ascontiguousarray(scene[:, 2 * index: 2 * index + width])
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return str(path)
 
 
 def free_memory_bytes(device: str) -> int:
@@ -128,6 +166,18 @@ def median_seconds(fn, device: str, repeats: int, warmup: int = 1) -> float:
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_seconds(runs: dict, device: str, repeats: int) -> dict[str, list[float]]:
+    """Seconds per repeat of each `runs[name]` (after one warm-up call each), taken in rounds that alternate their
+    order, so that the machine's load and warm caches fall on every run alike."""
+    for run in runs.values():
+        run()
+    seconds = {name: [] for name in runs}
+    for round_index in range(repeats):
+        for name in list(runs)[:: 1 if round_index % 2 == 0 else -1]:
+            seconds[name].append(median_seconds(runs[name], device, repeats=1, warmup=0))
+    return seconds
 
 
 def _rss_bytes() -> int:

@@ -54,9 +54,8 @@ def main(argv: list[str] | None = None):
             items = iter([] if values is None else model.model.get_encoder_features(name, values.to(args.device)).cpu().numpy())
             counts = [sum(block.get("type") == name for message in chat if isinstance(message["content"], list)
                           for block in message["content"]) for chat in chats]
-            per_row = [[next(items).astype(args.dtype) for _ in range(count)] for count in counts]
-            features[f"{name}_features"] = [[item.reshape(-1) for item in row] for row in per_row]
-            features[f"{name}_feature_shape"] = [list(row[0].shape) if row else [] for row in per_row]
+            features.update(feature_values(name, [[next(items).astype(args.dtype) for _ in range(count)]
+                                                  for count in counts]))
         return features
 
     for split, rows in dataset.items():
@@ -67,6 +66,13 @@ def main(argv: list[str] | None = None):
                                   remove_columns=media, features=features, desc=f"encoding {split}")
     dataset.save_to_disk(args.output_dir)
     print(f"Saved {', '.join(f'{split}: {len(rows)} rows' for split, rows in dataset.items())} to {args.output_dir}")
+
+
+def feature_values(name: str, per_row: list[list]) -> dict:
+    """The values of `feature_columns(name, ...)` for rows whose items' features are `per_row` (one list of arrays per
+    row, each in `get_encoder_features`' shape for one item)."""
+    return {f"{name}_features": [[item.reshape(-1) for item in row] for row in per_row],
+            f"{name}_feature_shape": [list(row[0].shape) if row else [] for row in per_row]}
 
 
 def feature_columns(name: str, dtype: str) -> dict:
