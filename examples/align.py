@@ -16,6 +16,7 @@ from transformers_anymal import AnyMALDataCollator
 from transformers_anymal.training_anymal import (
     AnyMALScriptArguments,
     AnyMALSFTConfig,
+    first_rows,
     load_dataset_dict,
     load_model_and_processor,
     parse_recipe_args,
@@ -35,9 +36,11 @@ def main(script_args, training_args, model_args):
     if quantized:  # the Trainer would push PEFT's projector copies; the full-precision result is pushed at the end
         training_args.push_to_hub = False
 
-    dataset = load_dataset_dict(script_args.dataset_name, script_args.dataset_from_disk, script_args.dataset_config)
+    dataset = load_dataset_dict(script_args.dataset_name, script_args.dataset_from_disk, script_args.dataset_config,
+                                script_args.streaming)
     collator = AnyMALDataCollator(processor, sampling_rates=script_args.sampling_rates)
-    collator.check_dataset(dataset[script_args.dataset_train_split], model.config.modalities, name="train split")
+    collator.check_dataset(first_rows(dataset[script_args.dataset_train_split]), model.config.modalities,
+                           name="train split")
 
     trainer = sft_trainer(
         model,
@@ -46,6 +49,7 @@ def main(script_args, training_args, model_args):
         data_collator=collator,
         train_dataset=dataset[script_args.dataset_train_split],
         processing_class=processor,
+        stream_errors=script_args.stream_errors,
     )
     train(trainer, training_args)
     if not quantized:

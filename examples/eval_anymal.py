@@ -1,7 +1,8 @@
 """Evaluates an AnyMAL checkpoint on a dataset of chats with batched greedy generation and writes a JSON report.
 
     python examples/eval_anymal.py --model_name_or_path anymal-sft --dataset_name my/mm-eval --split test \\
-        --output_dir eval [--dataset_from_disk] [--batch_size 8] [--max_new_tokens 32] [--imu_sampling_rate 100]
+        --output_dir eval [--dataset_from_disk | --streaming] [--batch_size 8] [--max_new_tokens 32] \
+        [--imu_sampling_rate 100]
 
 Rows are chats as for training (see AnyMALDataCollator): the final assistant turn is the reference, which the model
 does not see; an `answers` column (a list of strings, e.g. VQAv2's ten human answers or several captions) replaces it
@@ -10,7 +11,9 @@ VQA normalisation), per `--group_by` column value when given, and every predicti
 """
 
 import argparse
+import itertools
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,6 +24,8 @@ def parse_args(argv=None):
     parser.add_argument("--dataset_name", required=True, help="Hub dataset or local path")
     parser.add_argument("--dataset_from_disk", action="store_true", help="read dataset_name with load_from_disk")
     parser.add_argument("--dataset_config", help="dataset configuration name")
+    parser.add_argument("--streaming", action="store_true",
+                        help="stream dataset_name (WebDataset .tar shards, parquet, ...) instead of loading it")
     parser.add_argument("--split", default="test", help="split to evaluate")
     parser.add_argument("--output_dir", required=True, help="where report.json goes")
     parser.add_argument("--batch_size", type=int, default=8, help="chats generated together")
@@ -50,18 +55,21 @@ def main(argv=None):
     from transformers import AutoModelForMultimodalLM, AutoProcessor
 
     from transformers_anymal import MODALITIES, AnyMALDataCollator
-    from transformers_anymal.training_anymal import load_dataset_dict
+    from transformers_anymal.training_anymal import first_rows, load_dataset_dict
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     model = AutoModelForMultimodalLM.from_pretrained(args.model_name_or_path).to(args.device).eval()
     collator = AnyMALDataCollator(processor, sampling_rates={"imu": args.imu_sampling_rate} if args.imu_sampling_rate else {})
-    dataset = load_dataset_dict(args.dataset_name, args.dataset_from_disk, args.dataset_config)[args.split]
-    collator.check_dataset(dataset, model.config.modalities, name=f"{args.split} split")
+    dataset = load_dataset_dict(args.dataset_name, args.dataset_from_disk, args.dataset_config, args.streaming)[args.split]
+    collator.check_dataset(first_rows(dataset), model.config.modalities, name=f"{args.split} split")
 
     samples = []
-    for start in tqdm(range(0, len(dataset), args.batch_size), desc="generating", unit="batch"):
-        rows = [dataset[index] for index in range(start, min(start + args.batch_size, len(dataset)))]
+    rows_left = iter(dataset)
+    batches = iter(lambda: list(itertools.islice(rows_left, args.batch_size)), [])
+    total = None if args.streaming else math.ceil(len(dataset) / args.batch_size)
+    for batch_index, rows in enumerate(tqdm(batches, total=total, desc="generating", unit="batch")):
+        start = batch_index * args.batch_size
         chats = [collator.chat(row, start + offset) for offset, row in enumerate(rows)]
         prompts = [chat[:-1] if chat[-1]["role"] == "assistant" else chat for chat in chats]
         inputs = processor.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,

@@ -21,6 +21,7 @@ from transformers_anymal import AnyMALDataCollator
 from transformers_anymal.training_anymal import (
     AnyMALScriptArguments,
     AnyMALSFTConfig,
+    first_rows,
     load_dataset_dict,
     load_model_and_processor,
     lora_config,
@@ -47,13 +48,14 @@ def main(script_args, training_args, model_args):
         raise ValueError("A 4-bit/8-bit language model cannot be trained in full: keep --use_peft (QLoRA).")
     model.set_trainable(language_model=not model_args.use_peft, encoders=False, projectors=True)
 
-    dataset = load_dataset_dict(script_args.dataset_name, script_args.dataset_from_disk, script_args.dataset_config)
+    dataset = load_dataset_dict(script_args.dataset_name, script_args.dataset_from_disk, script_args.dataset_config,
+                                script_args.streaming)
     collator = AnyMALDataCollator(processor, sampling_rates=script_args.sampling_rates)
     splits = {"train": script_args.dataset_train_split}
     if training_args.eval_strategy != "no":
         splits["eval"] = script_args.dataset_test_split
     for split in splits.values():
-        collator.check_dataset(dataset[split], model.config.modalities, name=f"{split} split")
+        collator.check_dataset(first_rows(dataset[split]), model.config.modalities, name=f"{split} split")
 
     trainer = sft_trainer(
         model,
@@ -63,6 +65,7 @@ def main(script_args, training_args, model_args):
         train_dataset=dataset[splits["train"]],
         eval_dataset=dataset[splits["eval"]] if "eval" in splits else None,
         processing_class=processor,
+        stream_errors=script_args.stream_errors,
     )
     train(trainer, training_args)
     trainer.save_model(training_args.output_dir)

@@ -119,3 +119,48 @@ def make_chat_dataset(path, rows: int = 16, seed: int = 0):
         })
     DatasetDict({"train": Dataset.from_list(records), "test": Dataset.from_list(records[:4])}).save_to_disk(path)
     return str(path)
+
+
+def make_webdataset_shards(folder, shards: int = 4, per_shard: int = 6, media: tuple = ("jpg", "npy"),
+                           seed: int = 0) -> str:
+    """WebDataset shards `train-0000N.tar` in `folder`, as img2dataset writes them: each sample a `.txt` caption and
+    the `media` files (of `.jpg`, `.flac`, `.mp4`, `.npy` IMU with its rate in the `.json`; datasets wants every
+    sample of a dataset to have the same files), its `__key__` naming shard and position; every fourth sample carries
+    its chat as `messages` in its `.json` instead of a caption."""
+    import io
+    import json
+    import tarfile
+
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(shards):
+        with tarfile.open(folder / f"train-{shard:05d}.tar", "w") as tar:
+            for position in range(per_shard):
+                key = f"{shard:05d}{position:04d}"
+                files = {}
+                for extension in media:
+                    path = folder / f"item.{extension}"
+                    if extension == "jpg":
+                        write_image(path, size=(24, 24), seed=int(rng.integers(1 << 30)))
+                    elif extension == "flac":
+                        write_audio(path, seconds=0.5, seed=int(rng.integers(1 << 30)))
+                    elif extension == "mp4":
+                        write_video(path, gray_levels=tuple(int(level) for level in rng.integers(0, 240, 6)))
+                    else:
+                        np.save(path, rng.standard_normal((6, 200)).astype(np.float32))
+                    files[extension] = path.read_bytes()
+                    path.unlink()
+                blocks = [{"type": {"jpg": "image", "flac": "audio", "mp4": "video", "npy": "imu"}[extension]}
+                          for extension in files]
+                meta = {"imu_sampling_rate": 100}
+                if position % 4 == 3:
+                    meta["messages"] = [{"role": "user", "content": [*blocks, {"type": "text", "text": "What is it?"}]},
+                                        {"role": "assistant", "content": [{"type": "text", "text": f"sample {key}"}]}]
+                files["txt"] = f"caption of sample {key}".encode()
+                files["json"] = json.dumps(meta).encode()
+                for extension, data in files.items():
+                    info = tarfile.TarInfo(f"{key}.{extension}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(folder)

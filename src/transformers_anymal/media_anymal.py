@@ -8,6 +8,7 @@ and never branch on a modality's name, so a new modality of a known kind needs n
 import io
 import numbers
 import os
+from functools import partial
 
 import numpy as np
 from PIL import Image
@@ -161,10 +162,17 @@ class ImageKind(MediaKind):
 class VideoKind(MediaKind):
     item_ndim = (4,)
 
+    def is_item(self, value) -> bool:
+        return super().is_item(value) or isinstance(value, bytes)  # a file's bytes, e.g. a WebDataset sample's .mp4
+
     def from_block(self, item):
         return frames_of(item) if isinstance(item, (list, tuple)) else item  # the clip's frames, in order
 
     def read(self, item, preprocessor, options):
+        if isinstance(item, bytes):  # only the sampled frames decode, as from a file
+            sample = partial(preprocessor.sample_frames, num_frames=options.get("num_frames"))
+            frames, _ = preprocessor.fetch_videos(io.BytesIO(item), sample_indices_fn=sample)
+            return pixels(frames)
         if not hasattr(item, "ndim"):
             return os.fspath(item)  # decoded by the video processor, which samples the frames it needs
         if len(item) == 0:
@@ -178,6 +186,8 @@ class VideoKind(MediaKind):
             raise ValueError(f"cannot decode {items if len(items) > 1 else items[0]!r}: {error}") from error
 
     def decoded(self, item):
+        if isinstance(item, dict) and item.get("bytes"):  # Video(decode=False), WebDataset samples
+            return item["bytes"]
         if isinstance(item, dict) and item.get("path"):
             return item["path"]
         if isinstance(item, list):  # frames stored as nested lists: (frames, height, width, 3)

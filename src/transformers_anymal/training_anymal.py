@@ -6,11 +6,12 @@ import hashlib
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from datasets import load_dataset, load_from_disk
+from datasets import IterableDataset, load_dataset, load_from_disk
 from peft import LNTuningConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForMultimodalLM, AutoProcessor
@@ -19,6 +20,7 @@ from transformers.utils import logging
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
 from .modeling_anymal import AnyMALForConditionalGeneration
+from .streaming_anymal import STATE_FILE, StreamingSFTTrainer, load_streaming_dataset
 
 
 logger = logging.get_logger(__name__)
@@ -36,6 +38,13 @@ class AnyMALScriptArguments(ScriptArguments):
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset or local path (load_dataset)."})
     dataset_from_disk: bool = field(default=False, metadata={"help": "Read dataset_name with load_from_disk."})
     imu_sampling_rate: int | None = field(default=None, metadata={"help": "Rate (Hz) of IMU columns that don't say."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Stream dataset_name (WebDataset .tar shards, parquet, chat rows) instead of loading it: each process "
+                "reads its own shards, DataLoader workers decode (--dataloader_num_workers >= 1), checkpoints keep "
+                "the stream's position; needs --max_steps."})
+    stream_errors: str = field(default="skip", metadata={
+        "help": "What a streamed sample that fails to decode does: `skip` (logged, counted in skipped_samples) or "
+                "`raise` (stops the run).", "choices": ["skip", "raise"]})
 
     @property
     def sampling_rates(self) -> dict[str, int]:
@@ -65,10 +74,20 @@ def parse_recipe_args(dataclasses: tuple, description: str, argv: list[str] | No
     return tuple(parser.parse_args_and_config(argv))[: len(dataclasses)]
 
 
-def load_dataset_dict(name: str, from_disk: bool = False, config: str | None = None):
+def load_dataset_dict(name: str, from_disk: bool = False, config: str | None = None, streaming: bool = False):
     """The recipes' and scripts' datasets: `load_from_disk(name)`, or `load_dataset(name, config)`, with cached
-    encoder features read as arrays (`features_as_arrays`)."""
+    encoder features read as arrays (`features_as_arrays`); with `streaming`, `load_streaming_dataset(name, config)`."""
+    if streaming:
+        if from_disk:
+            raise ValueError("--streaming reads files that `datasets` streams (WebDataset .tar, parquet, json); a "
+                             "save_to_disk folder loads with --dataset_from_disk alone.")
+        return load_streaming_dataset(name, config)
     return features_as_arrays(load_from_disk(name) if from_disk else load_dataset(name, name=config))
+
+
+def first_rows(dataset, count: int = 64):
+    """The dataset itself, or for a stream its first `count` rows: what the recipes check before training."""
+    return dataset.take(count) if isinstance(dataset, IterableDataset) else dataset
 
 
 def features_as_arrays(dataset):
@@ -106,21 +125,26 @@ def load_model_and_processor(model_args: ModelConfig) -> tuple[AnyMALForConditio
     return model, processor
 
 
-def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, **kwargs) -> SFTTrainer:
+def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, stream_errors: str = "skip",
+                **kwargs) -> SFTTrainer:
     """`SFTTrainer(model=model, peft_config=peft_config, **kwargs)` whose trainable weights keep the precision they
-    were loaded in when the language model is 4/8-bit.
+    were loaded in when the language model is 4/8-bit; a `StreamingSFTTrainer` (rows that fail to decode:
+    `stream_errors`) when the train dataset is streamed.
 
     There TRL 1.16 casts every trainable parameter to bf16, the QLoRA paper's choice for LoRA adapters. It starves
     the projectors: a resampler latent near 1.0 has a bf16 step of 0.0078, so Adam updates of about the learning
     rate (2e-4) round away. The PEFT model is built here and its trainable weights restored after TRL's cast.
     """
+    trainer_class = SFTTrainer
+    if isinstance(kwargs.get("train_dataset"), IterableDataset):  # TRL turns accelerate's dispatch_batches off
+        trainer_class = partial(StreamingSFTTrainer, on_error=stream_errors)
     if not getattr(model, "is_quantized", False):
-        return SFTTrainer(model=model, peft_config=peft_config, **kwargs)
+        return trainer_class(model=model, peft_config=peft_config, **kwargs)
     if peft_config is not None:
         model = peft_model(model, peft_config)
     loaded = {name: parameter.detach().to("cpu", copy=True)  # off the GPU: the projectors of 70B hold 0.7B weights
               for name, parameter in model.named_parameters() if parameter.requires_grad}
-    trainer = SFTTrainer(model=model, **kwargs)
+    trainer = trainer_class(model=model, **kwargs)
     for name, parameter in trainer.model.named_parameters():
         if name in loaded and parameter.dtype != loaded[name].dtype:
             parameter.data = loaded[name].to(parameter.device)
@@ -130,26 +154,35 @@ def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, **kwarg
 def train(trainer, training_args) -> None:
     """`trainer.train()`, resuming from `--resume_from_checkpoint` (`last`: the newest complete checkpoint); in a
     distributed run, each rank then prints a digest of its trainable weights, which ranks in sync share."""
+    streaming = isinstance(trainer, StreamingSFTTrainer)
     checkpoint = resume_checkpoint(training_args.output_dir, training_args.resume_from_checkpoint,
-                                   getattr(training_args, "resume_without_optimizer_state", False))
+                                   getattr(training_args, "resume_without_optimizer_state", False),
+                                   also_needs=[STATE_FILE.format(rank=training_args.process_index)] if streaming else [])
+    if streaming and checkpoint:
+        trainer.resume_stream(checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
+    if streaming:
+        print(f"rank {trainer.accelerator.process_index}: trained on {trainer.stream.samples} streamed samples, "
+              f"skipped {len(trainer.stream.skipped)} that failed to decode", flush=True)
     if trainer.accelerator.num_processes > 1:
         print(f"rank {trainer.accelerator.process_index}: digest of the trainable weights {checksum(trainer.model)} "
               "(the same on every rank when the ranks are in sync)", flush=True)
 
 
-def resume_checkpoint(output_dir: str, resume: str | bool | None, without_optimizer_state: bool = False) -> str | None:
+def resume_checkpoint(output_dir: str, resume: str | bool | None, without_optimizer_state: bool = False,
+                      also_needs: list[str] = ()) -> str | None:
     """The checkpoint folder to resume from: `resume` itself, or for "last" the newest complete `checkpoint-N` in
-    `output_dir`. The Trainer writes `trainer_state.json` last, so a folder without it was cut short while being
-    written (the run was killed): it is skipped, with a warning. A checkpoint without the optimizer's or scheduler's
+    `output_dir`. The Trainer writes `trainer_state.json` last (and callbacks then add files such as `also_needs`),
+    so a folder without them was cut short while being written (the run was killed): it is skipped, with a warning. A checkpoint without the optimizer's or scheduler's
     state is refused unless `without_optimizer_state`, since resuming from it changes the run's result."""
     if resume in (None, False, "", "False", "false"):
         return None
     if resume in (True, "last", "True", "true"):
         folders = [Path(folder) for folder in reversed(sort_checkpoints(output_dir))]  # the newest first
-        complete = next((folder for folder in folders if (folder / TRAINER_STATE).is_file()), None)
+        needed = [TRAINER_STATE, *also_needs]
+        complete = next((folder for folder in folders if all((folder / name).is_file() for name in needed)), None)
         for folder in folders[: folders.index(complete) if complete else None]:
-            logger.warning(f"Skipping {folder}: it has no {TRAINER_STATE}, which the Trainer writes last, so the run "
+            logger.warning(f"Skipping {folder}: it lacks {' or '.join(needed)}, which are written last, so the run "
                            "stopped while writing it. It is overwritten when training reaches that step again.")
         if complete is None:
             raise ValueError(f"--resume_from_checkpoint last: no complete checkpoint-N folder in {output_dir}"

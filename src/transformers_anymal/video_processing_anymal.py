@@ -48,6 +48,8 @@ class AnyMALVideoProcessor(BaseVideoProcessor):
     def fetch_videos(self, video_url_or_urls, sample_indices_fn=None):
         if isinstance(video_url_or_urls, list):
             return list(zip(*[self.fetch_videos(video, sample_indices_fn) for video in video_url_or_urls]))
+        if isinstance(video_url_or_urls, io.IOBase):  # a file's bytes, e.g. a WebDataset sample's
+            return read_sampled_frames(video_url_or_urls, sample_indices_fn)
         if is_torchcodec_usable(decode="video"):
             return load_video(video_url_or_urls, backend="torchcodec", sample_indices_fn=sample_indices_fn)
         if isinstance(video_url_or_urls, (str, os.PathLike)) and os.path.isfile(video_url_or_urls):
