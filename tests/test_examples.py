@@ -58,7 +58,7 @@ def test_help_of_the_inference_scripts_answers_before_importing_torch():
 
 def test_benchmarks_document_their_options():
     for script in ("run_all.py", "bench_inference.py", "bench_training.py", "bench_processor.py",
-                   "bench_feature_cache.py", "bench_video_decode.py"):
+                   "bench_feature_cache.py", "bench_video_decode.py", "bench_streaming.py"):
         result = run_python(TINY.parents[1] / "benchmarks" / script, "--help", timeout=300)
         assert "--quick" in result.stdout and "--device" in result.stdout
 

@@ -1,6 +1,7 @@
 """The training recipes, run as users run them, on the tiny model and a small chat dataset, on CPU."""
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -33,10 +34,10 @@ def setup(tmp_path_factory):
     return {"root": root, "base": str(root / "base"), "data": make_chat_dataset(root / "data")}
 
 
-def recipe(script, setup, output_dir, *args, check=True, launcher=(sys.executable,)):
+def recipe(script, setup, output_dir, *args, check=True, launcher=(sys.executable,), from_disk=True):
     command = [*launcher, str(EXAMPLES / script), "--model_name_or_path", setup["base"], "--dataset_name",
-               setup["data"], "--dataset_from_disk", "--imu_sampling_rate", "100", "--output_dir", str(output_dir),
-               *CPU, *map(str, args)]
+               setup["data"], *["--dataset_from_disk"] * from_disk, "--imu_sampling_rate", "100", "--output_dir",
+               str(output_dir), *CPU, *map(str, args)]
     return run(command, check=check, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
@@ -132,8 +133,10 @@ def test_alignment_on_cached_encoder_features(setup, tmp_path):
 
     run_python(EXAMPLES / "cache_features.py", "--model_name_or_path", setup["base"], "--dataset_name",
                setup["data"], "--dataset_from_disk", "--imu_sampling_rate", "100", "--output_dir",
-               tmp_path / "features", timeout=300)
-    raw, cached = load_from_disk(setup["data"])["train"], load_dataset_dict(tmp_path / "features", from_disk=True)["train"]
+               tmp_path / "features", "--shard_size", 5, "--batch_size", 3, timeout=300)
+    manifest = json.loads((tmp_path / "features" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["rows"] == 16 and len(manifest["splits"]["train"]["shards"]) == 3  # 6, 6, 4
+    raw, cached = load_from_disk(setup["data"])["train"], load_dataset_dict(tmp_path / "features")["train"]
     assert "images" not in cached.column_names and "image_features" in cached.column_names
     row = next(row for row in cached if len(row["image_features"]))  # the recipes read features as arrays
     assert isinstance(row["image_features"], np.ndarray) and row["image_features"].dtype == np.float32
@@ -148,7 +151,7 @@ def test_alignment_on_cached_encoder_features(setup, tmp_path):
         assert torch.allclose(model(**on_the_fly).loss, model(**from_cache).loss, rtol=1e-5)
 
     setup = {**setup, "data": str(tmp_path / "features")}
-    recipe("align.py", setup, tmp_path / "aligned", "--max_steps", 2, "--learning_rate", "1e-3")
+    recipe("align.py", setup, tmp_path / "aligned", "--max_steps", 2, "--learning_rate", "1e-3", from_disk=False)
     changed = changed_parameters(setup["base"], AutoModelForMultimodalLM.from_pretrained(tmp_path / "aligned"))
     assert changed and all(".projectors." in key for key in changed)
 

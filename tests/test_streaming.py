@@ -1,6 +1,7 @@
 """Streaming training data: WebDataset shards as chats, disjoint shards per rank, exact resume, corrupt samples."""
 
 import io
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -47,7 +49,7 @@ def test_webdataset_samples_become_chats_the_collator_reads(tmp_path):
     rows = list(load_streaming_dataset(shards)["train"])
     assert [row["__key__"] for row in rows] == [f"00000000{i}" for i in range(4)]
     assert rows[0]["messages"] == [{"role": "user", "content": [{"type": "video"}, {"type": "audio"}]},
-                                   {"role": "assistant", "content": "caption of sample 000000000"}]
+                                   {"role": "assistant", "content": [{"type": "text", "text": "caption of sample 000000000"}]}]
     assert rows[3]["messages"][0]["content"][-1]["text"] == "What is it?"  # the chat of the sample's .json
     processor = AutoProcessor.from_pretrained(TINY)
     batch = AnyMALDataCollator(processor)(rows)
@@ -139,11 +141,100 @@ def test_streaming_decodes_in_workers_and_refuses_a_save_to_disk_folder(setup, t
 
 
 def test_evaluation_streams_every_sample_once(setup, tmp_path):
-    import json
-
     run([sys.executable, EXAMPLES / "eval_anymal.py", "--model_name_or_path", setup["base"], "--dataset_name",
          setup["shards"], "--streaming", "--split", "train", "--output_dir", tmp_path, "--max_new_tokens", "2",
          "--batch_size", "5"], timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     references = [sample["references"][0] for sample in json.loads((tmp_path / "report.json").read_text())["samples"]]
     keys = [f"{shard:05d}{position:04d}" for shard in range(4) for position in range(6)]
     assert references == [f"{'sample' if key.endswith('3') else 'caption of sample'} {key}" for key in keys]
+
+
+def cache(setup, output_dir, *args, shards=None, launcher=(sys.executable,), check=True, env=None):
+    command = [*launcher, EXAMPLES / "cache_features.py", "--model_name_or_path", setup["base"], "--dataset_name",
+               shards or setup["shards"], "--streaming", "--output_dir", output_dir, "--shard_size", "4",
+               "--batch_size", "4", *args]
+    return run(command, check=check, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def cached_keys(folder: Path) -> dict[str, list[str]]:
+    """The `__key__`s in each parquet shard of a cache split."""
+    import pyarrow.parquet as pq
+
+    return {path.name: pq.read_table(path, columns=["__key__"]).column(0).to_pylist()
+            for path in sorted(folder.glob("*.parquet"))}
+
+
+def with_a_corrupt_jpeg(shards: str, folder: Path, shard: int, key: str) -> Path:
+    """A copy of the WebDataset `shards` whose sample `key` in shard `shard` has its JPEG cut short."""
+    folder.mkdir()
+    for path in sorted(Path(shards).glob("*.tar")):
+        with tarfile.open(path) as source, tarfile.open(folder / path.name, "w") as tar:
+            for member in source.getmembers():
+                data = source.extractfile(member).read()
+                if path.name == f"train-{shard:05d}.tar" and member.name == f"{key}.jpg":
+                    data = data[: len(data) // 3]
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    return folder
+
+
+def test_a_stream_cache_crashed_midway_goes_on_without_encoding_finished_shards_again(setup, tmp_path):
+    broken = with_a_corrupt_jpeg(setup["shards"], tmp_path / "broken", shard=3, key="000030004")
+    skipping = cache(setup, tmp_path / "skipped", "--num_workers", "2", shards=broken)
+    manifest = json.loads((tmp_path / "skipped" / "manifest.json").read_text())["splits"]["train"]
+    assert manifest["rows"] == 23 and [row["key"] for row in manifest["skipped"]] == ["000030004"]
+    assert "skipped sample '000030004'" in skipping.stdout
+
+    # 2 workers read shards 0, 2 and 1, 3 in turns, a shard of output per batch: the 6th batch holds the bad sample
+    crashed = cache(setup, tmp_path / "cache", "--num_workers", "2", "--stream_errors", "raise", shards=broken,
+                    check=False)
+    assert crashed.returncode != 0 and "000030004" in crashed.stderr
+    finished = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "cache" / "train").glob("*.parquet")}
+    assert len(finished) == 5, crashed.stderr[-2000:]
+    resumed = cache(setup, tmp_path / "cache", "--num_workers", "2", "--stream_errors", "raise")  # the data mended
+    assert "5 shard(s) of 20 rows already written; going on from there" in resumed.stdout
+    assert all((tmp_path / "cache" / "train" / name).stat().st_mtime_ns == mtime for name, mtime in finished.items())
+
+    cache(setup, tmp_path / "straight", "--num_workers", "2")
+    assert cached_keys(tmp_path / "cache" / "train") == cached_keys(tmp_path / "straight" / "train")
+    from transformers_anymal.training_anymal import load_dataset_dict
+
+    resumed_rows, straight_rows = (load_dataset_dict(tmp_path / name)["train"] for name in ("cache", "straight"))
+    for column in ("image_features", "imu_features"):
+        assert np.array_equal(np.stack(resumed_rows[column]), np.stack(straight_rows[column])), column
+    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["splits"]["train"]["rows"] == 24
+
+
+def test_two_ranks_cache_disjoint_shards_and_alignment_streams_the_cache_at_the_on_the_fly_loss(setup, tmp_path):
+    from transformers import AutoModelForMultimodalLM
+
+    from transformers_anymal.training_anymal import load_dataset_dict
+
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0")
+    cache(setup, tmp_path / "cache", "--num_workers", "1", launcher=launcher, env={"ACCELERATE_USE_CPU": "1"})
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["dtype"] == "float32" and manifest["splits"]["train"]["rows"] == 24
+    keys = cached_keys(tmp_path / "cache" / "train")
+    by_rank = {rank: {key[:5] for name, shard in keys.items() if name.startswith(rank) for key in shard}
+               for rank in ("00000", "00001")}  # a key starts with its WebDataset shard's number
+    assert len(by_rank["00000"]) == len(by_rank["00001"]) == 2 and not by_rank["00000"] & by_rank["00001"], by_rank
+    assert sorted(key for shard in keys.values() for key in shard) == [f"{s:05d}{p:04d}" for s in range(4) for p in range(6)]
+
+    raw = {row["__key__"]: row for row in load_streaming_dataset(setup["shards"])["train"]}
+    cached = {row["__key__"]: row for row in load_dataset_dict(tmp_path / "cache", streaming=True)["train"]}
+    picked = sorted(raw)[::3]
+    collator = AnyMALDataCollator(AutoProcessor.from_pretrained(setup["base"]))
+    on_the_fly, from_cache = collator([raw[key] for key in picked]), collator([cached[key] for key in picked])
+    assert "encoder_features" in from_cache and "pixel_values" not in from_cache
+    assert torch.equal(on_the_fly["labels"], from_cache["labels"])
+    model = AutoModelForMultimodalLM.from_pretrained(setup["base"]).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**on_the_fly).loss, model(**from_cache).loss, rtol=1e-5)
+
+    align(setup, tmp_path / "aligned", "--max_steps", "2", "--dataloader_num_workers", "1",
+          shards=tmp_path / "cache")
+    aligned = load_file(tmp_path / "aligned" / "model.safetensors")
+    base = load_file(Path(setup["base"]) / "model.safetensors")
+    changed = {key for key in base if not torch.equal(base[key], aligned[key])}
+    assert changed and {key.split(".")[2] for key in changed} == {"image", "imu"}, changed

@@ -103,12 +103,12 @@ def run_steps(out: Path, seed: int) -> dict:
             "--imu_sampling_rate", IMU_SAMPLING_RATE, "--output_dir", out / "features"]),
         "4/6 stage 1, alignment: only the projectors train, on captions": ("accelerate launch examples/align.py",
                                                                            align.cli, [
-            "--model_name_or_path", out / "base", "--dataset_name", out / "features", "--dataset_from_disk",
+            "--model_name_or_path", out / "base", "--dataset_name", out / "features",
             "--dataset_train_split", "align", "--output_dir", out / "aligned", "--num_train_epochs", "4",
             "--learning_rate", "3e-3", *common]),
         "5/6 stage 2, instruction tuning: LoRA on the language model, projectors": ("accelerate launch examples/sft.py",
                                                                                     sft.cli, [
-            "--model_name_or_path", out / "aligned", "--dataset_name", out / "features", "--dataset_from_disk",
+            "--model_name_or_path", out / "aligned", "--dataset_name", out / "features",
             "--dataset_train_split", "sft", "--output_dir", out / "instructed", "--num_train_epochs", "3",
             "--learning_rate", "2e-3", "--lora_r", "16", "--lora_alpha", "32", "--merge", *common]),
     }

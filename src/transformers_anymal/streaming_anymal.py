@@ -9,6 +9,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Features, IterableDatasetDict, Value, load_dataset
 from datasets.features import Audio, Image, Video
@@ -35,17 +36,42 @@ STATE_FILE = "stream_state_rank{rank}.json"  # in each checkpoint folder, one pe
 
 def load_streaming_dataset(name: str, config: str | None = None) -> IterableDatasetDict:
     """`load_dataset(name, config, streaming=True)`, with WebDataset samples turned into chat rows
-    (`webdataset_row`). Media stay undecoded bytes until the collator reads them, in a DataLoader worker."""
+    (`webdataset_row`). Media stay undecoded bytes until the collator reads them, in a DataLoader worker. Cached
+    encoder features (`examples/cache_features.py`) come as numpy arrays (`features_as_arrays`)."""
     dataset = load_dataset(name, name=config, streaming=True)
-    features = next(iter(dataset.values())).features
-    if features is None or "__key__" not in features:
+    first = next(iter(dataset.values()))
+    if first.features is not None and any(column.endswith("_features") for column in first.features):
+        return IterableDatasetDict({split: features_as_arrays(rows) for split, rows in dataset.items()})
+    if first.info.builder_name != "webdataset":
         return dataset
+    features = first.features
     # datasets encodes Audio and Video values of WebDataset samples (which needs torchcodec) before anything reads
     # them; read as plain bytes, the collator decodes them with the project's own readers
     media = {column: Value("binary") for column, kind in features.items() if isinstance(kind, (Audio, Video, Image))}
     dataset = load_dataset(name, name=config, streaming=True, features=Features({**features, **media}))
     return IterableDatasetDict({split: rows.map(webdataset_row, remove_columns=list(rows.features))
                                 for split, rows in dataset.items()})
+
+
+def features_as_arrays(rows):
+    """A stream of cached rows whose features come as numpy arrays (read from Arrow whole, not number by number) and
+    whose other columns stay Python values. datasets' numpy format reads float16 as float32."""
+    return rows.with_format("numpy").map(_python_values).with_format(None)
+
+
+def _python_values(row: dict) -> dict:
+    return {column: value if column.endswith(("_features", "_feature_shape")) else _python(value)
+            for column, value in row.items()}
+
+
+def _python(value):
+    """A value of datasets' numpy format as the Python format gives it (object arrays to lists, numpy scalars to
+    Python ones)."""
+    if isinstance(value, dict):
+        return {key: _python(item) for key, item in value.items()}
+    if isinstance(value, np.ndarray):
+        return [_python(item) for item in value] if value.dtype == object else value.tolist()
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def webdataset_row(sample: dict) -> dict:
@@ -78,26 +104,25 @@ def webdataset_row(sample: dict) -> dict:
         raise ValueError(f"sample {key!r} of {url}: no caption (a .txt file, or 'caption' in its .json) and no "
                          "'messages' in its .json; each sample needs one.")
     blocks = [{"type": name} for name in MEDIA_EXTENSIONS if row[name] is not None]
-    row["messages"] = [{"role": "user", "content": blocks}, {"role": "assistant", "content": caption}]
+    row["messages"] = [{"role": "user", "content": blocks},
+                       {"role": "assistant", "content": [{"type": "text", "text": caption}]}]
     return row
 
 
 @dataclass
 class StreamCollator:
-    """Runs in a DataLoader worker: collates a batch of streamed rows with `collator`, and adds under `STREAM_STATE`
-    where the worker's stream stands after them (`IterableDataset.state_dict()`) and the rows it skipped.
+    """Collates a batch of rows with `collator` and adds under `STREAM_STATE` the rows it skipped and, in a DataLoader
+    worker over a streamed dataset, where the worker's stream stands after them (`IterableDataset.state_dict()`).
 
     A row that fails to collate (a corrupt image, a truncated recording, a chat that disagrees with its media) is
-    skipped when `on_error="skip"`, and named in the batch's `skipped` list; with `"raise"` the run stops on it.
+    skipped when `on_error="skip"`, and named in the batch's `skipped` list; with `"raise"` the run stops on it,
+    naming the batch's samples.
     """
 
     collator: object
     on_error: str = "skip"
 
     def __call__(self, rows: list[dict]) -> dict:
-        worker = torch.utils.data.get_worker_info()
-        if worker is None:
-            raise ValueError("Streaming decodes media in DataLoader workers: pass --dataloader_num_workers 1 (or more).")
         try:
             batch, skipped = self.collator(rows), []
         except Exception as error:
@@ -106,8 +131,10 @@ class StreamCollator:
                 raise type(error)(f"{error} (streamed samples: {samples}; --stream_errors skip skips the ones that "
                                   "fail)") from error
             batch, rows, skipped = self._without_bad_rows(rows)
-        return {**batch, STREAM_STATE: {"worker": worker.id, "state": worker.dataset.state_dict(), "rows": len(rows),
-                                        "skipped": skipped}}
+        worker = torch.utils.data.get_worker_info()
+        stream = worker.dataset if worker is not None and hasattr(worker.dataset, "state_dict") else None
+        return {**batch, STREAM_STATE: {"worker": worker.id if worker else 0, "rows": len(rows), "skipped": skipped,
+                                        "state": stream.state_dict() if stream is not None else None}}
 
     def _without_bad_rows(self, rows: list[dict]) -> tuple[dict, list[dict], list[dict]]:
         good, skipped = [], []
