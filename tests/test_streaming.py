@@ -238,3 +238,21 @@ def test_two_ranks_cache_disjoint_shards_and_alignment_streams_the_cache_at_the_
     base = load_file(Path(setup["base"]) / "model.safetensors")
     changed = {key for key in base if not torch.equal(base[key], aligned[key])}
     assert changed and {key.split(".")[2] for key in changed} == {"image", "imu"}, changed
+
+
+def test_a_shard_cut_short_is_left_out_and_named(setup, tmp_path):
+    from transformers.testing_utils import CaptureLogger
+
+    from transformers_anymal import streaming_anymal
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for shard in range(3):
+        data = (Path(setup["shards"]) / f"train-{shard:05d}.tar").read_bytes()
+        # shard 1 stops in the middle of a sample; shard 2 loses only the archive's zero padding at its end
+        (folder / f"train-{shard:05d}.tar").write_bytes({1: data[: len(data) // 2], 2: data[:-3000]}.get(shard, data))
+    with CaptureLogger(streaming_anymal.logger) as captured:
+        keys = [row["__key__"] for row in load_streaming_dataset(folder)["train"]]
+    assert keys == [f"{shard:05d}{position:04d}" for shard in (0, 2) for position in range(6)]
+    assert f"Leaving out the WebDataset shard {folder / 'train-00001.tar'}: it is cut short" in captured.out
+    assert "train-00002" not in captured.out

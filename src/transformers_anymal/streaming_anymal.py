@@ -4,6 +4,7 @@ with every batch, so that a checkpoint holds where each worker stood and a kille
 Not part of the model's code, so checkpoints loaded with `trust_remote_code` never need it."""
 
 import json
+import tarfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Features, IterableDatasetDict, Value, load_dataset
+from datasets import Features, IterableDatasetDict, Value, load_dataset, load_dataset_builder
 from datasets.features import Audio, Image, Video
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
@@ -37,20 +38,44 @@ STATE_FILE = "stream_state_rank{rank}.json"  # in each checkpoint folder, one pe
 def load_streaming_dataset(name: str, config: str | None = None) -> IterableDatasetDict:
     """`load_dataset(name, config, streaming=True)`, with WebDataset samples turned into chat rows
     (`webdataset_row`). Media stay undecoded bytes until the collator reads them, in a DataLoader worker. Cached
-    encoder features (`examples/cache_features.py`) come as numpy arrays (`features_as_arrays`)."""
+    encoder features (`examples/cache_features.py`) come as numpy arrays (`features_as_arrays`). Local WebDataset
+    shards cut short (a copy or download that stopped) are left out, each named in a warning (`complete_shards`)."""
+    name = str(name)  # load_dataset takes no Path
     dataset = load_dataset(name, name=config, streaming=True)
     first = next(iter(dataset.values()))
     if first.features is not None and any(column.endswith("_features") for column in first.features):
         return IterableDatasetDict({split: features_as_arrays(rows) for split, rows in dataset.items()})
     if first.info.builder_name != "webdataset":
         return dataset
-    features = first.features
     # datasets encodes Audio and Video values of WebDataset samples (which needs torchcodec) before anything reads
     # them; read as plain bytes, the collator decodes them with the project's own readers
-    media = {column: Value("binary") for column, kind in features.items() if isinstance(kind, (Audio, Video, Image))}
-    dataset = load_dataset(name, name=config, streaming=True, features=Features({**features, **media}))
+    media = {column: Value("binary") for column, kind in first.features.items() if isinstance(kind, (Audio, Video, Image))}
+    data_files = {split: complete_shards(files) for split, files in load_dataset_builder(name, config).config.data_files.items()}
+    dataset = load_dataset("webdataset", data_files=data_files, streaming=True, features=Features({**first.features, **media}))
     return IterableDatasetDict({split: rows.map(webdataset_row, remove_columns=list(rows.features))
                                 for split, rows in dataset.items()})
+
+
+def complete_shards(files: list[str]) -> list[str]:
+    """The `.tar` shards among `files` that end where their last member's data ends; local shards cut short are left
+    out with a warning, since reading one stops the whole stream at the cut. Remote files are kept as they are."""
+    complete = []
+    for file in files:
+        path = Path(file)
+        if path.suffix != ".tar" or not path.is_file():
+            complete.append(file)
+            continue
+        try:
+            with tarfile.open(path) as tar:  # reads each member's header, seeking over its data
+                end = max((member.offset_data + member.size for member in tar), default=0)
+            if end > path.stat().st_size:
+                raise tarfile.ReadError(f"its last member ends at byte {end}, after the file's {path.stat().st_size}")
+            complete.append(file)
+        except (tarfile.TarError, EOFError) as error:
+            logger.warning(f"Leaving out the WebDataset shard {file}: it is cut short ({error}).")
+    if files and not complete:
+        raise ValueError(f"every WebDataset shard of the split is cut short, e.g. {files[0]}.")
+    return complete
 
 
 def features_as_arrays(rows):

@@ -77,13 +77,12 @@ def parse_recipe_args(dataclasses: tuple, description: str, argv: list[str] | No
 def load_dataset_dict(name: str, from_disk: bool = False, config: str | None = None, streaming: bool = False):
     """The recipes' and scripts' datasets: `load_from_disk(name)`, or `load_dataset(name, config)`, with cached
     encoder features read as arrays (`features_as_arrays`); with `streaming`, `load_streaming_dataset(name, config)`."""
-    name = str(name)  # load_dataset takes no Path
     if streaming:
         if from_disk:
             raise ValueError("--streaming reads files that `datasets` streams (WebDataset .tar, parquet, json); a "
                              "save_to_disk folder loads with --dataset_from_disk alone.")
         return load_streaming_dataset(name, config)
-    return features_as_arrays(load_from_disk(name) if from_disk else load_dataset(name, name=config))
+    return features_as_arrays(load_from_disk(name) if from_disk else load_dataset(str(name), name=config))
 
 
 def first_rows(dataset, count: int = 64):
