@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None):
     state.wait_for_everyone()
     if state.is_main_process:
         manifest = write_manifest(output, identity, list(dataset))
-        written = [f"{split}: {info['rows']} rows in {len(info['shards'])} shard(s), {len(info['skipped'])} skipped"
+        written = [f"{split}: {info['rows']} rows in {len(info['shards'])} shard(s), {info['skipped']} skipped"
                    for split, info in manifest["splits"].items()]
         print(f"Saved {'; '.join(written)} to {args.output_dir}")
 
@@ -183,15 +183,16 @@ def write_shard(folder: Path, rank: int, index: int, records: list[dict], featur
 
 
 class Progress:
-    """One rank's finished shards of a split, with the rows in them, the samples skipped and the stream positions
-    after them; rewritten whole (then renamed) after each shard."""
+    """One rank's finished shards of a split, with the rows in them, the samples skipped (counted, the first
+    `SKIPPED_EXAMPLES` named) and the stream positions after them; rewritten whole (then renamed) after each shard."""
 
     def __init__(self, path: Path):
         self.path = path
         saved = json.loads(path.read_text()) if path.is_file() else {}
         self.shards: dict[str, int] = saved.get("shards", {})
         self.positions: dict[str, dict] = saved.get("positions", {})
-        self.skipped: list[dict] = saved.get("skipped", [])
+        self.skipped: int = saved.get("skipped", 0)
+        self.skipped_examples: list[dict] = saved.get("skipped_examples", [])
         if self.shards:
             print(f"{path.parent.name}: {len(self.shards)} shard(s) of {self.rows} rows already written; going on "
                   "from there", flush=True)
@@ -203,12 +204,16 @@ class Progress:
     @property
     def consumed(self) -> int:
         """Rows of the rank's input done: written or skipped."""
-        return self.rows + len(self.skipped)
+        return self.rows + self.skipped
 
     def add(self, shard: str, rows: int, positions: dict, skipped: list[dict]) -> None:
-        self.shards[shard], self.positions, self.skipped = rows, dict(positions), self.skipped + skipped
+        from transformers_anymal.streaming_anymal import SKIPPED_EXAMPLES
+
+        self.shards[shard], self.positions, self.skipped = rows, dict(positions), self.skipped + len(skipped)
+        self.skipped_examples = (self.skipped_examples + skipped)[:SKIPPED_EXAMPLES]
         partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps({"shards": self.shards, "positions": self.positions, "skipped": self.skipped}))
+        partial.write_text(json.dumps({"shards": self.shards, "positions": self.positions, "skipped": self.skipped,
+                                       "skipped_examples": self.skipped_examples}))
         os.replace(partial, self.path)
 
 
@@ -242,13 +247,13 @@ def write_manifest(output: Path, identity: dict, splits: list[str]) -> dict:
     """manifest.json from every rank's progress, and the README.md whose `configs` let `load_dataset` find the splits."""
     manifest = {**identity, "splits": {}}
     for split in splits:
-        shards, skipped = {}, []
+        shards, skipped, examples = {}, 0, []
         for path in sorted((output / split).glob("progress-*.json")):
             saved = json.loads(path.read_text())
             shards.update(saved["shards"])
-            skipped += saved["skipped"]
+            skipped, examples = skipped + saved["skipped"], examples + saved["skipped_examples"]
         manifest["splits"][split] = {"rows": sum(shards.values()), "shards": dict(sorted(shards.items())),
-                                     "skipped": skipped}
+                                     "skipped": skipped, "skipped_examples": examples}
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2))
     data_files = "".join(f"  - split: {split}\n    path: {split}/*.parquet\n" for split in splits)
     (output / "README.md").write_text(f"---\nconfigs:\n- config_name: default\n  data_files:\n{data_files}---\n\n"

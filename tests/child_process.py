@@ -42,3 +42,18 @@ def run(command: list, *, check: bool = True, timeout: float = 600, **kwargs) ->
 def run_python(*args, **kwargs) -> subprocess.CompletedProcess:
     """`run([python, *args])` with this interpreter."""
     return run([sys.executable, *args], **kwargs)
+
+
+def kill_once_written(command: list, path, *, timeout: float = 300, **kwargs) -> None:
+    """Runs `command` (in a process group of its own) until the file `path` exists, then kills it with SIGKILL, as a
+    crash or a preempted machine would; fails the test when the command ends first."""
+    import time
+
+    process = subprocess.Popen([str(part) for part in command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, **kwargs)
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert process.poll() is None and time.time() < deadline, f"the command ended before writing {path}"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

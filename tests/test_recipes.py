@@ -5,10 +5,7 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForMultimodalLM, AutoProcessor
 
 from anymal_tester import TINY, make_chat_dataset, make_inputs, tiny_model
-from child_process import run, run_python
+from child_process import kill_once_written, run, run_python
 
 
 EXAMPLES = TINY.parents[1] / "examples"
@@ -218,13 +215,7 @@ def test_resume_after_a_kill_skips_a_half_written_checkpoint_and_is_exact(setup,
     command = [sys.executable, str(EXAMPLES / "sft.py"), "--model_name_or_path", setup["base"], "--dataset_name",
                setup["data"], "--dataset_from_disk", "--imu_sampling_rate", "100", "--output_dir",
                str(tmp_path / "killed"), *CPU, *map(str, arguments)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (tmp_path / "killed" / "checkpoint-4" / "trainer_state.json").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before checkpoint-4"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_once_written(command, tmp_path / "killed" / "checkpoint-4" / "trainer_state.json")
     assert not (tmp_path / "killed" / "checkpoint-8").exists(), "killed too late to test resuming"
     shutil.rmtree(tmp_path / "killed" / "checkpoint-6", ignore_errors=True)
     shutil.copytree(tmp_path / "killed" / "checkpoint-4", tmp_path / "killed" / "checkpoint-6",

@@ -4,11 +4,8 @@ import io
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from transformers_anymal import AnyMALDataCollator
 from transformers_anymal.streaming_anymal import load_streaming_dataset
 
 from anymal_tester import TINY, make_webdataset_shards, tiny_model, write_video
-from child_process import run
+from child_process import kill_once_written, run
 
 
 EXAMPLES = TINY.parents[1] / "examples"
@@ -70,14 +67,8 @@ def test_a_killed_streaming_run_resumes_at_the_same_sample_and_ends_bit_identica
 
     command = [sys.executable, EXAMPLES / "align.py", "--model_name_or_path", setup["base"], "--dataset_name",
                setup["shards"], "--streaming", "--output_dir", tmp_path / "killed", *CPU, *arguments]
-    process = subprocess.Popen(list(map(str, command)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 300
-    while not (tmp_path / "killed" / "checkpoint-4" / "stream_state_rank0.json").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before checkpoint-4"
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_once_written(command, tmp_path / "killed" / "checkpoint-4" / "stream_state_rank0.json",
+                      env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert not (tmp_path / "killed" / "checkpoint-8").exists(), "killed too late to test resuming"
     for later in (tmp_path / "killed").glob("checkpoint-6"):  # written before the kill landed: as if cut short
         (later / "stream_state_rank0.json").unlink(missing_ok=True)
@@ -182,7 +173,8 @@ def test_a_stream_cache_crashed_midway_goes_on_without_encoding_finished_shards_
     broken = with_a_corrupt_jpeg(setup["shards"], tmp_path / "broken", shard=3, key="000030004")
     skipping = cache(setup, tmp_path / "skipped", "--num_workers", "2", shards=broken)
     manifest = json.loads((tmp_path / "skipped" / "manifest.json").read_text())["splits"]["train"]
-    assert manifest["rows"] == 23 and [row["key"] for row in manifest["skipped"]] == ["000030004"]
+    assert manifest["rows"] == 23 and manifest["skipped"] == 1
+    assert [row["key"] for row in manifest["skipped_examples"]] == ["000030004"]
     assert "skipped sample '000030004'" in skipping.stdout
 
     # 2 workers read shards 0, 2 and 1, 3 in turns, a shard of output per batch: the 6th batch holds the bad sample
@@ -256,3 +248,21 @@ def test_a_shard_cut_short_is_left_out_and_named(setup, tmp_path):
     assert keys == [f"{shard:05d}{position:04d}" for shard in (0, 2) for position in range(6)]
     assert f"Leaving out the WebDataset shard {folder / 'train-00001.tar'}: it is cut short" in captured.out
     assert "train-00002" not in captured.out
+
+
+def test_instruction_tuning_streams_chat_rows_from_parquet_shards(setup, tmp_path):
+    from datasets import load_from_disk
+
+    from anymal_tester import make_chat_dataset
+
+    rows = load_from_disk(make_chat_dataset(tmp_path / "chats"))["train"]  # chats with image and IMU columns
+    (tmp_path / "parquet").mkdir()
+    for shard in range(2):
+        rows.shard(num_shards=2, index=shard).to_parquet(tmp_path / "parquet" / f"train-{shard:05d}.parquet")
+    result = run([sys.executable, EXAMPLES / "sft.py", "--model_name_or_path", setup["base"], "--dataset_name",
+                  tmp_path / "parquet", "--streaming", "--imu_sampling_rate", "100", "--output_dir", tmp_path / "out",
+                  *CPU, "--max_steps", "4", "--dataloader_num_workers", "2"],
+                 timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "rank 0: trained on 16 streamed samples, skipped 0" in result.stdout  # every chat, one pass
+    adapters = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert any("lora_B" in key and adapters[key].abs().sum() > 0 for key in adapters)

@@ -33,6 +33,7 @@ MEDIA_EXTENSIONS = {
 CAPTION_FIELDS = ("txt", "caption", "text")  # a sample's caption file, or these keys of its .json
 STREAM_STATE = "stream_state"  # the batch key that carries the stream's position, popped before the model sees it
 STATE_FILE = "stream_state_rank{rank}.json"  # in each checkpoint folder, one per rank
+SKIPPED_EXAMPLES = 100  # skipped samples named in checkpoints and manifests (all are counted, and logged as skipped)
 
 
 def load_streaming_dataset(name: str, config: str | None = None) -> IterableDatasetDict:
@@ -153,8 +154,8 @@ class StreamCollator:
         except Exception as error:
             if self.on_error != "skip":
                 samples = ", ".join(f"{row.get('__key__')!r} of {row.get('__url__')}" for row in rows)
-                raise type(error)(f"{error} (streamed samples: {samples}; --stream_errors skip skips the ones that "
-                                  "fail)") from error
+                raise ValueError(f"A batch of streamed samples failed to decode ({samples}): {error} "
+                                 "(--stream_errors skip skips the samples that fail)") from error
             batch, rows, skipped = self._without_bad_rows(rows)
         worker = torch.utils.data.get_worker_info()
         stream = worker.dataset if worker is not None and hasattr(worker.dataset, "state_dict") else None
@@ -183,18 +184,20 @@ class StreamPositionCallback(TrainerCallback):
     def __init__(self):
         self.positions: dict[int, dict] = {}  # DataLoader worker -> its stream's state_dict after its last batch
         self.samples = 0
-        self.skipped: list[dict] = []
+        self.skipped = 0
+        self.skipped_examples: list[dict] = []  # the first SKIPPED_EXAMPLES of them
 
     def record(self, stream_state: dict) -> None:
         self.positions[stream_state["worker"]] = stream_state["state"]
         self.samples += stream_state["rows"]
         for row in stream_state["skipped"]:
             logger.warning(f"Skipped sample {row['key']!r} of {row['shard']}: {row['error']}")
-        self.skipped += stream_state["skipped"]
+        self.skipped += len(stream_state["skipped"])
+        self.skipped_examples = (self.skipped_examples + stream_state["skipped"])[:SKIPPED_EXAMPLES]
 
     def state(self, num_workers: int) -> dict:
         return {"num_workers": num_workers, "positions": {str(worker): state for worker, state in self.positions.items()},
-                "samples": self.samples, "skipped": self.skipped}
+                "samples": self.samples, "skipped": self.skipped, "skipped_examples": self.skipped_examples}
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
@@ -267,6 +270,7 @@ class StreamingSFTTrainer(SFTTrainer):
         self.resume_positions.update(saved["positions"])
         self.stream.positions = {int(worker): state for worker, state in saved["positions"].items()}
         self.stream.samples, self.stream.skipped = saved["samples"], saved["skipped"]
+        self.stream.skipped_examples = saved["skipped_examples"]
         self._logged = (self.stream.samples, time.perf_counter())
         self.args.ignore_data_skip = True  # the positions replace the Trainer's re-reading of trained batches
 
@@ -280,7 +284,7 @@ class StreamingSFTTrainer(SFTTrainer):
             logs["samples_per_second"] = round((samples - self._logged[0]) / (now - self._logged[1]), 3)
             self._logged = (samples, now)
             if self.stream.skipped:
-                logs["skipped_samples"] = len(self.stream.skipped)
+                logs["skipped_samples"] = self.stream.skipped
         super().log(logs, start_time)
 
 

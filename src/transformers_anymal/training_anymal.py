@@ -163,7 +163,7 @@ def train(trainer, training_args) -> None:
     trainer.train(resume_from_checkpoint=checkpoint)
     if streaming:
         print(f"rank {trainer.accelerator.process_index}: trained on {trainer.stream.samples} streamed samples, "
-              f"skipped {len(trainer.stream.skipped)} that failed to decode", flush=True)
+              f"skipped {trainer.stream.skipped} that failed to decode", flush=True)
     if trainer.accelerator.num_processes > 1:
         print(f"rank {trainer.accelerator.process_index}: digest of the trainable weights {checksum(trainer.model)} "
               "(the same on every rank when the ranks are in sync)", flush=True)
