@@ -5,7 +5,8 @@ language model (optionally 4-bit or 8-bit, as the paper does for 70B on one GPU)
         --output_dir anymal-70b-aligned --load_in_4bit
 
 Rows are chats as for examples/sft.py, e.g. a user turn with {"type": "image"} and an assistant turn with the
-caption. <output_dir> ends up a full checkpoint, what examples/sft.py starts from: with a quantized language model
+caption; with --streaming, WebDataset shards of media and captions (as img2dataset writes them) or a feature cache
+of examples/cache_features.py work too, each process reading shards of its own (README: "Streaming at scale"). <output_dir> ends up a full checkpoint, what examples/sft.py starts from: with a quantized language model
 the projectors train as PEFT modules (checkpoints hold only them, which resume reads) and are then written into the
 full-precision base.
 """

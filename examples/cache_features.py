@@ -150,12 +150,12 @@ def encode(model, batch: dict, names: list[str], dtype: str, device: str) -> lis
 
     rows = batch["rows"]
     for name in names:  # the batch's items come in row order; each row gets its own back
-        values = batch["inputs"].get(MODALITIES[name].input_name)
-        items = iter([] if values is None else model.model.get_encoder_features(name, values.to(device)).cpu().numpy())
+        media = batch["inputs"].get(MODALITIES[name].input_name)
+        items = iter([] if media is None else model.model.get_encoder_features(name, media.to(device)).cpu().numpy())
         per_row = [[next(items).astype(dtype) for _ in range(count)] for count in batch["counts"][name]]
-        columns = feature_values(name, per_row)
-        for index, row in enumerate(rows):
-            row.update({column: values[index] for column, values in columns.items()})
+        for column, per_row_values in feature_values(name, per_row).items():
+            for row, value in zip(rows, per_row_values):
+                row[column] = value
     return rows
 
 

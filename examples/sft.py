@@ -2,7 +2,7 @@
 the projectors trained in full, encoders frozen.
 
     accelerate launch examples/sft.py --model_name_or_path anymal-aligned --dataset_name my/mm-instructions \\
-        --output_dir anymal-sft [--load_in_4bit] [--merge] [--push_to_hub]
+        --output_dir anymal-sft [--load_in_4bit] [--merge] [--push_to_hub] [--streaming --max_steps N]
     accelerate launch examples/sft.py  # no options: the whole recipe at toy scale on bundled data (anymal_demo/)
     accelerate launch examples/sft.py --verbose  # the same, with every step's own output on the terminal
 

@@ -152,8 +152,9 @@ def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, stream_
 
 
 def train(trainer, training_args) -> None:
-    """`trainer.train()`, resuming from `--resume_from_checkpoint` (`last`: the newest complete checkpoint); in a
-    distributed run, each rank then prints a digest of its trainable weights, which ranks in sync share."""
+    """`trainer.train()`, resuming from `--resume_from_checkpoint` (`last`: the newest complete checkpoint; a stream
+    continues from the positions the checkpoint holds); in a distributed run, each rank then prints a digest of its
+    trainable weights, which ranks in sync share, and a streaming one the samples it trained on and skipped."""
     streaming = isinstance(trainer, StreamingSFTTrainer)
     checkpoint = resume_checkpoint(training_args.output_dir, training_args.resume_from_checkpoint,
                                    getattr(training_args, "resume_without_optimizer_state", False),
