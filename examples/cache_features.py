@@ -135,12 +135,14 @@ class ChatsToInputs:
         self.collator, self.processor, self.names, self.media = collator, processor, names, media
 
     def __call__(self, rows: list[dict]) -> dict:
+        from transformers_anymal.collator_anymal import bare_chat
+
         chats = [self.collator.chat(row, index) for index, row in enumerate(rows)]
         inputs = self.processor.apply_chat_template(chats, tokenize=True, return_dict=True, return_tensors="pt")
         counts = {name: [sum(block.get("type") == name for message in chat if isinstance(message["content"], list)
                              for block in message["content"]) for chat in chats] for name in self.names}
-        columns = [{"messages": cached_chat(chat), **{column: value for column, value in row.items()
-                                                      if column not in self.media}} for row, chat in zip(rows, chats)]
+        columns = [{"messages": bare_chat(chat), **{column: value for column, value in row.items()
+                                                    if column not in self.media}} for row, chat in zip(rows, chats)]
         return {"inputs": dict(inputs), "counts": counts, "rows": columns}
 
 
@@ -157,16 +159,6 @@ def encode(model, batch: dict, names: list[str], dtype: str, device: str) -> lis
             for row, value in zip(rows, per_row_values):
                 row[column] = value
     return rows
-
-
-def cached_chat(chat: list[dict]) -> list[dict]:
-    """A chat as the cache stores it (`chat_column`): every content a list of blocks (a string becomes one text
-    block, which chat templates render alike), media blocks bare (their features are in the row's columns)."""
-    return [{"role": message["role"],
-             "content": [{"type": "text", "text": message["content"]}] if isinstance(message["content"], str) else
-                        [{"type": block["type"], "text": block.get("text") if block["type"] == "text" else None}
-                         for block in message["content"]]}
-            for message in chat]
 
 
 def write_shard(folder: Path, rank: int, index: int, records: list[dict], features) -> str:
@@ -270,7 +262,7 @@ def feature_values(name: str, per_row: list[list]) -> dict:
 
 
 def chat_column():
-    """The type of cached rows' `messages`: every content a list of blocks, media blocks bare (`cached_chat`)."""
+    """The type of cached rows' `messages`: every content a list of blocks, media blocks bare (`bare_chat`)."""
     from datasets import List, Value
 
     return List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})

@@ -51,7 +51,7 @@ print("heavy imports:", sorted(name for name in ("torch", "transformers", "datas
 
 
 def test_help_of_the_inference_scripts_answers_before_importing_torch():
-    for script in ("demo.py", "eval_anymal.py", "cache_features.py"):
+    for script in ("demo.py", "eval_anymal.py", "cache_features.py", "export_webdataset.py"):
         output = run_python("-c", QUICK_HELP, EXAMPLES / script, cwd=TINY.parents[1], timeout=300).stdout
         assert "usage:" in output and output.rstrip().endswith("heavy imports: []"), (script, output[-300:])
 
@@ -61,6 +61,23 @@ def test_benchmarks_document_their_options():
                    "bench_feature_cache.py", "bench_video_decode.py", "bench_streaming.py"):
         result = run_python(TINY.parents[1] / "benchmarks" / script, "--help", timeout=300)
         assert "--quick" in result.stdout and "--device" in result.stdout
+
+
+def test_the_streaming_benchmark_measures_every_modality_of_the_demo_data_both_ways(tmp_path):
+    import json
+
+    run_python(TINY.parents[1] / "benchmarks" / "bench_streaming.py", "--quick", "--output", tmp_path / "out.json",
+               timeout=600)
+    results = json.loads((tmp_path / "out.json").read_text())
+    for modality in ("image", "video", "audio", "imu"):
+        measured = results[modality]
+        assert measured["streaming_vs_in_memory"] == pytest.approx(
+            measured["input"]["streaming_samples_per_s"] / measured["input"]["in_memory_samples_per_s"])
+        assert measured["stage1_stream_cache_speedup"] == pytest.approx(
+            measured["stage1"]["cached_samples_per_s"] / measured["stage1"]["on_the_fly_samples_per_s"])
+        assert min(measured["input"].values()) > 0 and min(measured["stage1"].values()) > 0
+    assert results["lowest_streaming_vs_in_memory"] == min(results[m]["streaming_vs_in_memory"] for m in
+                                                           ("image", "video", "audio", "imu"))
 
 
 def test_the_video_decoding_benchmark_compares_the_same_frames_on_every_encoding(tmp_path):

@@ -58,51 +58,6 @@ def test_webdataset_samples_become_chats_the_collator_reads(tmp_path):
     assert torch.equal(from_bytes["pixel_values_videos"], from_file["pixel_values_videos"])
 
 
-def test_a_killed_streaming_run_resumes_at_the_same_sample_and_ends_bit_identical(setup, tmp_path):
-    # 8 steps of 4 samples from 2 workers over 24 samples: the stream runs out at step 6 and starts its second pass
-    arguments = ["--max_steps", "8", "--save_steps", "2", "--dataloader_num_workers", "2"]
-    straight = align(setup, tmp_path / "straight", *arguments)
-    assert "rank 0: trained on 32 streamed samples, skipped 0" in straight.stdout
-    assert "'samples_per_second'" in straight.stdout + straight.stderr
-
-    command = [sys.executable, EXAMPLES / "align.py", "--model_name_or_path", setup["base"], "--dataset_name",
-               setup["shards"], "--streaming", "--output_dir", tmp_path / "killed", *CPU, *arguments]
-    kill_once_written(command, tmp_path / "killed" / "checkpoint-4" / "stream_state_rank0.json",
-                      env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert not (tmp_path / "killed" / "checkpoint-8").exists(), "killed too late to test resuming"
-    for later in (tmp_path / "killed").glob("checkpoint-6"):  # written before the kill landed: as if cut short
-        (later / "stream_state_rank0.json").unlink(missing_ok=True)
-
-    resumed = align(setup, tmp_path / "killed", *arguments, "--resume_from_checkpoint", "last")
-    assert "Resuming from " + str(tmp_path / "killed" / "checkpoint-4") in resumed.stderr
-    assert "rank 0: trained on 32 streamed samples" in resumed.stdout  # 16 before the kill, 16 after
-    expected, got = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
-    assert expected.keys() == got.keys()
-    changed = [key for key in expected if ".projectors." in key and not torch.equal(expected[key], got[key])]
-    assert not changed, changed
-
-    refused = align(setup, tmp_path / "killed", *arguments[:-1], "1", "--resume_from_checkpoint",
-                    tmp_path / "killed" / "checkpoint-4", check=False)
-    assert refused.returncode != 0 and "resume with --dataloader_num_workers 2 (got 1)" in refused.stderr
-
-
-def test_two_ranks_read_disjoint_shards_see_every_sample_once_and_stay_identical(setup, tmp_path):
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0")
-    # one pass: 24 samples over 2 ranks in batches of 4 is 3 steps
-    result = align(setup, tmp_path / "out", "--max_steps", "3", "--dataloader_num_workers", "1", launcher=launcher,
-                   script=[Path(__file__).parent / "stream_probe.py", "align.py"],
-                   env={"ACCELERATE_USE_CPU": "1", "STREAM_PROBE_DIR": str(tmp_path)})
-    seen = {rank: [line.split() for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines()] for rank in "01"}
-    keys = Counter(key for rank in seen.values() for key, _ in rank)
-    assert sorted(keys) == [f"{shard:05d}{position:04d}" for shard in range(4) for position in range(6)]
-    assert set(keys.values()) == {1}, [key for key, count in keys.items() if count > 1]
-    shards = {rank: {Path(url).name for _, url in rows} for rank, rows in seen.items()}
-    assert len(shards["0"]) == len(shards["1"]) == 2 and not shards["0"] & shards["1"], shards
-    digests = re.findall(r"rank (\d): digest of the trainable weights (\w+)", result.stdout)
-    assert sorted(rank for rank, _ in digests) == ["0", "1"] and digests[0][1] == digests[1][1], result.stdout
-
-
 def test_corrupt_samples_are_skipped_and_counted_or_stop_the_run(setup, tmp_path):
     shards = make_webdataset_shards(tmp_path / "shards", shards=1, per_shard=8)
     broken = tmp_path / "broken"
@@ -197,41 +152,6 @@ def test_a_stream_cache_crashed_midway_goes_on_without_encoding_finished_shards_
     assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["splits"]["train"]["rows"] == 24
 
 
-def test_two_ranks_cache_disjoint_shards_and_alignment_streams_the_cache_at_the_on_the_fly_loss(setup, tmp_path):
-    from transformers import AutoModelForMultimodalLM
-
-    from transformers_anymal.training_anymal import load_dataset_dict
-
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0")
-    cache(setup, tmp_path / "cache", "--num_workers", "1", launcher=launcher, env={"ACCELERATE_USE_CPU": "1"})
-    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    assert manifest["dtype"] == "float32" and manifest["splits"]["train"]["rows"] == 24
-    keys = cached_keys(tmp_path / "cache" / "train")
-    by_rank = {rank: {key[:5] for name, shard in keys.items() if name.startswith(rank) for key in shard}
-               for rank in ("00000", "00001")}  # a key starts with its WebDataset shard's number
-    assert len(by_rank["00000"]) == len(by_rank["00001"]) == 2 and not by_rank["00000"] & by_rank["00001"], by_rank
-    assert sorted(key for shard in keys.values() for key in shard) == [f"{s:05d}{p:04d}" for s in range(4) for p in range(6)]
-
-    raw = {row["__key__"]: row for row in load_streaming_dataset(setup["shards"])["train"]}
-    cached = {row["__key__"]: row for row in load_dataset_dict(tmp_path / "cache", streaming=True)["train"]}
-    picked = sorted(raw)[::3]
-    collator = AnyMALDataCollator(AutoProcessor.from_pretrained(setup["base"]))
-    on_the_fly, from_cache = collator([raw[key] for key in picked]), collator([cached[key] for key in picked])
-    assert "encoder_features" in from_cache and "pixel_values" not in from_cache
-    assert torch.equal(on_the_fly["labels"], from_cache["labels"])
-    model = AutoModelForMultimodalLM.from_pretrained(setup["base"]).eval()
-    with torch.no_grad():
-        assert torch.allclose(model(**on_the_fly).loss, model(**from_cache).loss, rtol=1e-5)
-
-    align(setup, tmp_path / "aligned", "--max_steps", "2", "--dataloader_num_workers", "1",
-          shards=tmp_path / "cache")
-    aligned = load_file(tmp_path / "aligned" / "model.safetensors")
-    base = load_file(Path(setup["base"]) / "model.safetensors")
-    changed = {key for key in base if not torch.equal(base[key], aligned[key])}
-    assert changed and {key.split(".")[2] for key in changed} == {"image", "imu"}, changed
-
-
 def test_a_shard_cut_short_is_left_out_and_named(setup, tmp_path):
     from transformers.testing_utils import CaptureLogger
 
@@ -266,3 +186,162 @@ def test_instruction_tuning_streams_chat_rows_from_parquet_shards(setup, tmp_pat
     assert "rank 0: trained on 16 streamed samples, skipped 0" in result.stdout  # every chat, one pass
     adapters = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert any("lora_B" in key and adapters[key].abs().sum() > 0 for key in adapters)
+
+
+# The demo's data (examples/anymal_demo) written as WebDataset shards by examples/export_webdataset.py: one shard set
+# per modality, 24 captioned samples in 4 shards each. The 2-rank, resume and cache runs take one modality each (a
+# few minutes in all); ANYMAL_STREAMING_MODALITIES=all runs each of them on all four.
+DEMO_MODALITIES = ("image", "video", "audio", "imu")
+
+
+def on_modalities(default: str):
+    every = os.environ.get("ANYMAL_STREAMING_MODALITIES") == "all"
+    return pytest.mark.parametrize("modality", DEMO_MODALITIES if every else [default])
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from datasets import DatasetDict
+
+    sys.path.insert(0, str(EXAMPLES))
+    import export_webdataset
+    from anymal_demo.data import build_demo_dataset, load_media
+    from anymal_demo.model import build_config, build_processor
+
+    from transformers_anymal import AnyMALForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("demo")
+    media = load_media(0)
+    captions = build_demo_dataset(media, 0, videos_per_split={"train": 24, "test": 1})["align"]
+    picked = [index for kind in DEMO_MODALITIES for index in
+              [index for index, row_kind in enumerate(captions["kind"]) if row_kind == kind][:24]]
+    rows = captions.select(picked)
+    DatasetDict(train=rows).save_to_disk(root / "rows")
+    export_webdataset.main(["--dataset_name", str(root / "rows"), "--dataset_from_disk", "--output_dir",
+                            str(root / "shards"), "--samples_per_shard", "6"])
+
+    recordings = np.concatenate([recording for recording, _ in media["imu"]["train"]], axis=1)
+    processor = build_processor(recordings.mean(1).tolist(), recordings.std(1).tolist())
+    torch.manual_seed(0)
+    AnyMALForConditionalGeneration(build_config(processor)).save_pretrained(root / "base")
+    processor.save_pretrained(root / "base")
+    return {"base": str(root / "base"), "shards": str(root / "shards"), "rows": rows}
+
+
+def demo_keys(demo, modality: str) -> dict[str, str]:
+    """Each sample's key in the modality's shard set, with the shard it is in."""
+    return {row["__key__"]: Path(row["__url__"]).name for row in load_streaming_dataset(demo["shards"], modality)["train"]}
+
+
+def test_demo_data_exported_as_webdataset_streams_back_to_the_rows_own_batches(demo, tmp_path):
+    readme = (Path(demo["shards"]) / "README.md").read_text()
+    assert re.findall(r"config_name: (\S+)", readme) == sorted(DEMO_MODALITIES)
+    collator = AnyMALDataCollator(AutoProcessor.from_pretrained(demo["base"]))
+    for modality in DEMO_MODALITIES:
+        assert len(list((Path(demo["shards"]) / modality).glob("train-*.tar"))) == 4
+        streamed = list(load_streaming_dataset(demo["shards"], modality)["train"])
+        rows = [demo["rows"][int(row["__key__"])] for row in streamed]
+        assert len(streamed) == 24 and {row["kind"] for row in rows} == {modality}
+        expected, got = collator(rows), collator(streamed)  # media written losslessly: the very same inputs
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[key], got[key]) for key in expected), modality
+
+    from transformers_anymal.webdataset_anymal import write_webdataset
+
+    two_images = {**demo["rows"][0], "images": [demo["rows"][0]["images"][0]] * 2}
+    two_images["messages"] = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]},
+                              two_images["messages"][1]]
+    with pytest.raises(ValueError, match="row 1 holds more than one image; a WebDataset sample has one file"):
+        write_webdataset([demo["rows"][0], two_images], tmp_path / "two")
+    import export_webdataset
+
+    with pytest.raises(ValueError, match="already holds shards; write to a new folder"):
+        export_webdataset.main(["--dataset_name", "unused", "--output_dir", demo["shards"]])
+
+
+@on_modalities("audio")
+def test_two_ranks_stream_each_demo_sample_once_and_end_identical(demo, modality, tmp_path):
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0")
+    # one pass: 24 samples over 2 ranks in batches of 4 is 3 steps
+    result = align(demo, tmp_path / "out", "--dataset_config", modality, "--max_steps", "3",
+                   "--dataloader_num_workers", "1", launcher=launcher,
+                   script=[Path(__file__).parent / "stream_probe.py", "align.py"],
+                   env={"ACCELERATE_USE_CPU": "1", "STREAM_PROBE_DIR": str(tmp_path)})
+    seen = {rank: [line.split() for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines()] for rank in "01"}
+    keys = Counter(key for rank in seen.values() for key, _ in rank)
+    assert sorted(keys) == sorted(demo_keys(demo, modality))
+    assert set(keys.values()) == {1}, [key for key, count in keys.items() if count > 1]
+    shards = {rank: {Path(url).name for _, url in rows} for rank, rows in seen.items()}
+    assert len(shards["0"]) == len(shards["1"]) == 2 and not shards["0"] & shards["1"], shards
+    digests = re.findall(r"rank (\d): digest of the trainable weights (\w+)", result.stdout)
+    assert sorted(rank for rank, _ in digests) == ["0", "1"] and digests[0][1] == digests[1][1], result.stdout
+
+
+@on_modalities("video")
+def test_a_killed_demo_stream_resumes_at_the_same_sample_and_ends_bit_identical(demo, modality, tmp_path):
+    # 8 steps of 4 samples from 2 workers over 24 samples: the stream runs out at step 6 and starts its second pass
+    arguments = ["--dataset_config", modality, "--max_steps", "8", "--save_steps", "2", "--dataloader_num_workers", "2"]
+    straight = align(demo, tmp_path / "straight", *arguments)
+    assert "rank 0: trained on 32 streamed samples, skipped 0" in straight.stdout
+    assert "'samples_per_second'" in straight.stdout + straight.stderr
+
+    command = [sys.executable, EXAMPLES / "align.py", "--model_name_or_path", demo["base"], "--dataset_name",
+               demo["shards"], "--streaming", "--output_dir", tmp_path / "killed", *CPU, *arguments]
+    kill_once_written(command, tmp_path / "killed" / "checkpoint-4" / "stream_state_rank0.json",
+                      env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert not (tmp_path / "killed" / "checkpoint-8").exists(), "killed too late to test resuming"
+    for later in (tmp_path / "killed").glob("checkpoint-6"):  # written before the kill landed: as if cut short
+        (later / "stream_state_rank0.json").unlink(missing_ok=True)
+
+    resumed = align(demo, tmp_path / "killed", *arguments, "--resume_from_checkpoint", "last")
+    assert "Resuming from " + str(tmp_path / "killed" / "checkpoint-4") in resumed.stderr
+    assert "rank 0: trained on 32 streamed samples" in resumed.stdout  # 16 before the kill, 16 after
+    expected, got = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    trained = [key for key in expected if f".projectors.{modality}." in key]
+    assert trained and not [key for key in trained if not torch.equal(expected[key], got[key])]
+    base = load_file(Path(demo["base"]) / "model.safetensors")
+    assert not all(torch.equal(base[key], got[key]) for key in trained), "the projector did not train"
+
+    refused = align(demo, tmp_path / "killed", *arguments[:-1], "1", "--resume_from_checkpoint",
+                    tmp_path / "killed" / "checkpoint-4", check=False)
+    assert refused.returncode != 0 and "resume with --dataloader_num_workers 2 (got 1)" in refused.stderr
+
+
+@on_modalities("image")
+def test_two_ranks_cache_disjoint_demo_shards_and_alignment_streams_the_cache_at_the_on_the_fly_loss(
+        demo, modality, tmp_path):
+    from transformers import AutoModelForMultimodalLM
+
+    from transformers_anymal.training_anymal import load_dataset_dict
+
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0")
+    cache(demo, tmp_path / "cache", "--dataset_config", modality, "--num_workers", "1", launcher=launcher,
+          env={"ACCELERATE_USE_CPU": "1"})
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["dtype"] == "float32" and manifest["splits"]["train"]["rows"] == 24
+    keys, shard_of = cached_keys(tmp_path / "cache" / "train"), demo_keys(demo, modality)
+    by_rank = {rank: {shard_of[key] for name, shard in keys.items() if name.startswith(rank) for key in shard}
+               for rank in ("00000", "00001")}
+    assert len(by_rank["00000"]) == len(by_rank["00001"]) == 2 and not by_rank["00000"] & by_rank["00001"], by_rank
+    assert sorted(key for shard in keys.values() for key in shard) == sorted(shard_of)
+
+    raw = {row["__key__"]: row for row in load_streaming_dataset(demo["shards"], modality)["train"]}
+    cached = {row["__key__"]: row for row in load_dataset_dict(tmp_path / "cache", streaming=True)["train"]}
+    picked = sorted(raw)[::3]
+    collator = AnyMALDataCollator(AutoProcessor.from_pretrained(demo["base"]))
+    on_the_fly, from_cache = collator([raw[key] for key in picked]), collator([cached[key] for key in picked])
+    assert "encoder_features" in from_cache and not {"pixel_values", "pixel_values_videos", "input_features",
+                                                     "imu_values"} & set(from_cache)
+    assert torch.equal(on_the_fly["labels"], from_cache["labels"])
+    model = AutoModelForMultimodalLM.from_pretrained(demo["base"]).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**on_the_fly).loss, model(**from_cache).loss, rtol=1e-5)
+
+    align(demo, tmp_path / "aligned", "--max_steps", "2", "--dataloader_num_workers", "1", shards=tmp_path / "cache")
+    aligned = load_file(tmp_path / "aligned" / "model.safetensors")
+    base = load_file(Path(demo["base"]) / "model.safetensors")
+    changed = {key for key in base if not torch.equal(base[key], aligned[key])}
+    assert changed and {key.split(".")[2] for key in changed} == {modality}, changed

@@ -69,85 +69,7 @@ class AnyMALDataCollator:
 
     def chat(self, row: dict, index: int = 0, decode: bool = True) -> list[dict]:
         """The row's chat with every media block holding its item; checks blocks against the media columns."""
-        if "messages" in row:
-            messages = row["messages"]
-        elif "prompt" in row and "completion" in row:
-            messages = list(row["prompt"]) + list(row["completion"])
-        else:
-            raise ValueError(f"row {index}: no `messages` (or `prompt` + `completion`) column; got {sorted(row)}.")
-        served = self.processor.modalities  # a column named like another registered modality is no media here
-        columns = {name: next((column for column in media_columns(name) if row.get(column) is not None), None)
-                   for name in served}
-        remaining = {name: ([row[column]] if column == name else list(row[column])) if column else []
-                     for name, column in columns.items()}
-        cached = {name: _cached_items(row, name) for name in served if row.get(f"{name}_features") is not None}
-        chat = []
-        for message_index, message in enumerate(messages):
-            if not isinstance(message, dict) or "content" not in message:
-                raise ValueError(f"row {index}, message {message_index}: a message is a dict with 'role' and "
-                                 f"'content', got {message!r:.60}.")
-            content = message["content"]
-            if isinstance(content, list):
-                for block_index, block in enumerate(content):
-                    if not isinstance(block, dict):
-                        raise TypeError(f"row {index}, message {message_index}, block {block_index}: a content block "
-                                        f"is a dict such as {{'type': 'text', 'text': ...}}, got {block!r:.40}.")
-                content = [self._cached(block, cached, index) if block.get("type") in cached
-                           else self._fill(block, remaining, columns, row, index, decode) for block in content]
-            chat.append({**message, "content": content})
-        for name, features in cached.items():
-            if features:
-                raise ValueError(f"row {index}: `{name}_features` has {len(features)} more entries than {name} blocks.")
-        for name, items in remaining.items():
-            if items:
-                raise ValueError(
-                    f"row {index}: column `{columns[name]}` has {len(items)} more {name} item(s) than the chat has "
-                    f"bare {{'type': '{name}'}} blocks; add a block where each item belongs."
-                )
-        return chat
-
-    @staticmethod
-    def _cached(block: dict, cached: dict, index: int) -> dict:
-        """A media block whose item's encoder features sit in the row's `<modality>_features` column."""
-        name = block["type"]
-        if not cached[name]:
-            raise ValueError(f"row {index}: more {name} blocks than entries in its `{name}_features` column.")
-        return {"type": name, name: EncoderFeatures(cached[name].pop(0))}
-
-    def _fill(self, block: dict, remaining: dict, columns: dict, row: dict, index: int, decode: bool) -> dict:
-        name = block.get("type")
-        if name not in remaining:  # not a modality the processor serves: it refuses the block by name
-            return block
-        kind = media_kind(name)
-        keys = (name, *kind.block_sources)
-        if any(block.get(key) is not None for key in keys):  # keys holding None, as datasets gives them
-            item = block.get(name)
-        elif remaining[name]:
-            item = remaining[name].pop(0)
-        else:
-            column = columns[name] or f"`{'`/`'.join(media_columns(name))}`"
-            raise ValueError(
-                f"row {index}: a bare {{'type': '{name}'}} block has no item left in column {column}; give each "
-                f"{name} block an item there (or inline, as {{'type': '{name}', '{name}': ...}})."
-            )
-        block = dict(block)
-        if item is None:
-            return block
-        for key in kind.block_sources:
-            block.pop(key, None)
-        block[name] = kind.decoded(item) if decode else item
-        if isinstance(block[name], dict) and "array" in block[name] and "sampling_rate" in block[name]:
-            block.update({name: block[name]["array"], "sampling_rate": block[name]["sampling_rate"]})
-        says_rate = isinstance(block[name], dict) or kind.files_carry_rate and not hasattr(block[name], "ndim")
-        if kind.timed and not says_rate and "sampling_rate" not in block:
-            rate = row.get(f"{name}_sampling_rate", self.sampling_rates.get(name))
-            if rate is None:
-                raise ValueError(
-                    f"row {index}: no {name} sampling rate; add a `{name}_sampling_rate` column, put `sampling_rate` "
-                    f"in the block, or pass AnyMALDataCollator(sampling_rates={{{name!r}: ...}})."
-                )
-            block["sampling_rate"] = rate
-        return block
+        return chat_of_row(row, self.processor.modalities, self.sampling_rates, index, decode)
 
     def check_dataset(self, dataset, modalities: list[str], name: str = "dataset"):
         """Fails before training, naming the row and column, where a row's media blocks and media columns disagree,
@@ -163,6 +85,106 @@ class AnyMALDataCollator:
                 )
 
 
+def chat_of_row(row: dict, modalities: list[str], sampling_rates: dict[str, int] | None = None, index: int = 0,
+                decode: bool = True) -> list[dict]:
+    """Row `index`'s chat with every media block of `modalities` holding its item (decoded when `decode`), taken
+    inline or from the row's media columns (`media_columns`); blocks of recordings whose files do not say their rate
+    get it from the block, the row's `<modality>_sampling_rate` or `sampling_rates`. Checks blocks against the media
+    columns."""
+    if "messages" in row:
+        messages = row["messages"]
+    elif "prompt" in row and "completion" in row:
+        messages = list(row["prompt"]) + list(row["completion"])
+    else:
+        raise ValueError(f"row {index}: no `messages` (or `prompt` + `completion`) column; got {sorted(row)}.")
+    served = modalities  # a column named like another registered modality is no media here
+    columns = {name: next((column for column in media_columns(name) if row.get(column) is not None), None)
+               for name in served}
+    remaining = {name: ([row[column]] if column == name else list(row[column])) if column else []
+                 for name, column in columns.items()}
+    cached = {name: _cached_items(row, name) for name in served if row.get(f"{name}_features") is not None}
+    chat = []
+    for message_index, message in enumerate(messages):
+        if not isinstance(message, dict) or "content" not in message:
+            raise ValueError(f"row {index}, message {message_index}: a message is a dict with 'role' and "
+                             f"'content', got {message!r:.60}.")
+        content = message["content"]
+        if isinstance(content, list):
+            for block_index, block in enumerate(content):
+                if not isinstance(block, dict):
+                    raise TypeError(f"row {index}, message {message_index}, block {block_index}: a content block "
+                                    f"is a dict such as {{'type': 'text', 'text': ...}}, got {block!r:.40}.")
+            content = [_cached(block, cached, index) if block.get("type") in cached
+                       else _fill(block, remaining, columns, row, index, decode, sampling_rates or {})
+                       for block in content]
+        chat.append({**message, "content": content})
+    for name, features in cached.items():
+        if features:
+            raise ValueError(f"row {index}: `{name}_features` has {len(features)} more entries than {name} blocks.")
+    for name, items in remaining.items():
+        if items:
+            raise ValueError(
+                f"row {index}: column `{columns[name]}` has {len(items)} more {name} item(s) than the chat has "
+                f"bare {{'type': '{name}'}} blocks; add a block where each item belongs."
+            )
+    return chat
+
+
+def bare_chat(chat: list[dict]) -> list[dict]:
+    """A chat as files and caches store it, beside its media: every content a list of blocks (a string becomes one
+    text block, which chat templates render alike), media blocks bare (`{"type": "image", "text": None}`)."""
+    return [{"role": message["role"],
+             "content": [{"type": "text", "text": message["content"]}] if isinstance(message["content"], str) else
+                        [{"type": block["type"], "text": block.get("text") if block["type"] == "text" else None}
+                         for block in message["content"]]}
+            for message in chat]
+
+
+def _cached(block: dict, cached: dict, index: int) -> dict:
+    """A media block whose item's encoder features sit in the row's `<modality>_features` column."""
+    name = block["type"]
+    if not cached[name]:
+        raise ValueError(f"row {index}: more {name} blocks than entries in its `{name}_features` column.")
+    return {"type": name, name: EncoderFeatures(cached[name].pop(0))}
+
+
+def _fill(block: dict, remaining: dict, columns: dict, row: dict, index: int, decode: bool,
+          sampling_rates: dict[str, int]) -> dict:
+    name = block.get("type")
+    if name not in remaining:  # not a modality the processor serves: it refuses the block by name
+        return block
+    kind = media_kind(name)
+    keys = (name, *kind.block_sources)
+    if any(block.get(key) is not None for key in keys):  # keys holding None, as datasets gives them
+        item = block.get(name)
+    elif remaining[name]:
+        item = remaining[name].pop(0)
+    else:
+        column = columns[name] or f"`{'`/`'.join(media_columns(name))}`"
+        raise ValueError(
+            f"row {index}: a bare {{'type': '{name}'}} block has no item left in column {column}; give each "
+            f"{name} block an item there (or inline, as {{'type': '{name}', '{name}': ...}})."
+        )
+    block = dict(block)
+    if item is None:
+        return block
+    for key in kind.block_sources:
+        block.pop(key, None)
+    block[name] = kind.decoded(item) if decode else item
+    if isinstance(block[name], dict) and "array" in block[name] and "sampling_rate" in block[name]:
+        block.update({name: block[name]["array"], "sampling_rate": block[name]["sampling_rate"]})
+    says_rate = isinstance(block[name], dict) or kind.files_carry_rate and not hasattr(block[name], "ndim")
+    if kind.timed and not says_rate and "sampling_rate" not in block:
+        rate = row.get(f"{name}_sampling_rate", sampling_rates.get(name))
+        if rate is None:
+            raise ValueError(
+                f"row {index}: no {name} sampling rate; add a `{name}_sampling_rate` column, put `sampling_rate` "
+                f"in the block, or pass AnyMALDataCollator(sampling_rates={{{name!r}: ...}})."
+            )
+        block["sampling_rate"] = rate
+    return block
+
+
 def _cached_items(row: dict, name: str) -> list:
     """A row's cached features of `name`, one array per item: flat items take the row's `<name>_feature_shape`."""
     items, shape = row[f"{name}_features"], row.get(f"{name}_feature_shape")
@@ -171,4 +193,4 @@ def _cached_items(row: dict, name: str) -> list:
     return [np.asarray(item).reshape(tuple(int(size) for size in shape)) for item in items]
 
 
-__all__ = ["AnyMALDataCollator"]
+__all__ = ["AnyMALDataCollator", "bare_chat", "chat_of_row"]

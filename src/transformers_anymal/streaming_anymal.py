@@ -58,12 +58,15 @@ def load_streaming_dataset(name: str, config: str | None = None) -> IterableData
 
 
 def complete_shards(files: list[str]) -> list[str]:
-    """The `.tar` shards among `files` that end where their last member's data ends; local shards cut short are left
-    out with a warning, since reading one stops the whole stream at the cut. Remote files are kept as they are."""
+    """The `.tar` shards among `files` that hold every member whole; local shards cut short are left out with a
+    warning, since reading one stops the whole stream at the cut. Remote files are kept as they are.
+
+    A shard that ends with a tar archive's end marker (two zero blocks) is whole, which one read of its last 1 KiB
+    tells; only the others (a cut, or an archive written without the marker) have their member headers read."""
     complete = []
     for file in files:
         path = Path(file)
-        if path.suffix != ".tar" or not path.is_file():
+        if path.suffix != ".tar" or not path.is_file() or ends_with_end_marker(path):
             complete.append(file)
             continue
         try:
@@ -77,6 +80,16 @@ def complete_shards(files: list[str]) -> list[str]:
     if files and not complete:
         raise ValueError(f"every WebDataset shard of the split is cut short, e.g. {files[0]}.")
     return complete
+
+
+def ends_with_end_marker(path: Path) -> bool:
+    """Whether the file's last 1 KiB is zeros: a tar archive's end-of-archive marker, written after its last member."""
+    size = path.stat().st_size
+    if size < 2 * tarfile.BLOCKSIZE or size % tarfile.BLOCKSIZE:
+        return False
+    with open(path, "rb") as file:
+        file.seek(size - 2 * tarfile.BLOCKSIZE)
+        return not any(file.read(2 * tarfile.BLOCKSIZE))
 
 
 def features_as_arrays(rows):
