@@ -170,6 +170,37 @@ def test_a_shard_cut_short_is_left_out_and_named(setup, tmp_path):
     assert "train-00002" not in captured.out
 
 
+def test_a_float16_cache_streams_its_features_as_stored(setup, tmp_path):
+    from transformers_anymal.training_anymal import load_dataset_dict
+
+    cache(setup, tmp_path / "cache", "--dtype", "float16", "--num_workers", "1")
+    streamed = {row["__key__"]: row for row in load_dataset_dict(tmp_path / "cache", streaming=True)["train"]}
+    whole = {row["__key__"]: row for row in load_dataset_dict(tmp_path / "cache")["train"]}
+    assert len(streamed) == 24 and streamed.keys() == whole.keys()
+    for key, row in streamed.items():
+        for column in ("image_features", "imu_features"):
+            assert row[column].dtype == whole[key][column].dtype == np.float16, column
+            assert np.array_equal(row[column], whole[key][column]), (key, column)
+
+
+def test_folders_of_the_same_name_each_load_their_own_rows(tmp_path):
+    # as two runs' `features` caches: datasets alone would key its cached copy of both by the name (dataset_builder)
+    from datasets import Dataset
+
+    from transformers_anymal.training_anymal import load_dataset_dict
+
+    runs = {"first": [1, 2, 3], "second": [7, 8]}
+    for name, values in runs.items():
+        folder = tmp_path / name / "features"
+        (folder / "train").mkdir(parents=True)
+        Dataset.from_dict({"x": values}).to_parquet(folder / "train" / "0.parquet")
+        (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                          "    path: train/*.parquet\n---\n")
+    for name, values in runs.items():
+        assert list(load_dataset_dict(tmp_path / name / "features")["train"]["x"]) == values, name
+        assert [row["x"] for row in load_dataset_dict(tmp_path / name / "features", streaming=True)["train"]] == values
+
+
 def test_instruction_tuning_streams_chat_rows_from_parquet_shards(setup, tmp_path):
     from datasets import load_from_disk
 

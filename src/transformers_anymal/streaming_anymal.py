@@ -8,11 +8,13 @@ import tarfile
 import time
 import traceback
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Features, IterableDatasetDict, Value, load_dataset, load_dataset_builder
+from datasets import Features, IterableDatasetDict, Value, load_dataset_builder
+from datasets.data_files import DataFilesList
 from datasets.features import Audio, Image, Video
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
@@ -41,8 +43,8 @@ def load_streaming_dataset(name: str, config: str | None = None) -> IterableData
     (`webdataset_row`). Media stay undecoded bytes until the collator reads them, in a DataLoader worker. Cached
     encoder features (`examples/cache_features.py`) come as numpy arrays (`features_as_arrays`). Local WebDataset
     shards cut short (a copy or download that stopped) are left out, each named in a warning (`complete_shards`)."""
-    name = str(name)  # load_dataset takes no Path
-    dataset = load_dataset(name, name=config, streaming=True)
+    builder = dataset_builder(name, config)  # resolves the files once (a Hub dataset: one listing)
+    dataset = builder.as_streaming_dataset()  # a WebDataset's features are inferred here, from its first samples
     first = next(iter(dataset.values()))
     if first.features is not None and any(column.endswith("_features") for column in first.features):
         return IterableDatasetDict({split: features_as_arrays(rows) for split, rows in dataset.items()})
@@ -50,11 +52,29 @@ def load_streaming_dataset(name: str, config: str | None = None) -> IterableData
         return dataset
     # datasets encodes Audio and Video values of WebDataset samples (which needs torchcodec) before anything reads
     # them; read as plain bytes, the collator decodes them with the project's own readers
-    media = {column: Value("binary") for column, kind in first.features.items() if isinstance(kind, (Audio, Video, Image))}
-    data_files = {split: complete_shards(files) for split, files in load_dataset_builder(name, config).config.data_files.items()}
-    dataset = load_dataset("webdataset", data_files=data_files, streaming=True, features=Features({**first.features, **media}))
+    builder.info.features = Features({column: Value("binary") if isinstance(kind, (Audio, Video, Image)) else kind
+                                      for column, kind in first.features.items()})
+    for split, files in builder.config.data_files.items():
+        if len(complete := complete_shards(files)) < len(files):
+            origins = files.origin_metadata if len(files.origin_metadata) == len(files) else [None] * len(files)
+            builder.config.data_files[split] = DataFilesList(
+                complete, [origin for file, origin in zip(files, origins) if file in complete])
+    dataset = builder.as_streaming_dataset()  # the same files, less those cut short, with media as bytes
     return IterableDatasetDict({split: rows.map(webdataset_row, remove_columns=list(rows.features))
                                 for split, rows in dataset.items()})
+
+
+def dataset_builder(name, config: str | None = None):
+    """`load_dataset_builder(name, config)`, and for a local folder the builder of the files it resolves to.
+
+    datasets (5.2) keys what it caches of a folder whose README.md lists `configs` (as `export_webdataset.py` and
+    `cache_features.py` write) by the folder's name alone, not its files: a second folder of the same name (another
+    run's `features`) would read the first one's cached copy, or its cached schema. Keyed by its files (paths and
+    modification times), each folder reads its own data."""
+    builder = load_dataset_builder(str(name), config)
+    if Path(name).is_dir():
+        builder = load_dataset_builder(builder.info.builder_name, data_files=builder.config.data_files)
+    return builder
 
 
 def complete_shards(files: list[str]) -> list[str]:
@@ -93,14 +113,29 @@ def ends_with_end_marker(path: Path) -> bool:
 
 
 def features_as_arrays(rows):
-    """A stream of cached rows whose features come as numpy arrays (read from Arrow whole, not number by number) and
-    whose other columns stay Python values. datasets' numpy format reads float16 as float32."""
-    return rows.with_format("numpy").map(_python_values).with_format(None)
+    """A stream of cached rows whose features come as numpy arrays in their stored dtype (read from Arrow whole, not
+    number by number; datasets' numpy format for streams gives float32, which is turned back) and whose other
+    columns stay Python values."""
+    stored = {column: _innermost(kind).dtype for column, kind in (rows.features or {}).items()
+              if column.endswith("_features")}
+    return rows.with_format("numpy").map(partial(_python_values, stored=stored)).with_format(None)
 
 
-def _python_values(row: dict) -> dict:
-    return {column: value if column.endswith(("_features", "_feature_shape")) else _python(value)
-            for column, value in row.items()}
+def _innermost(feature):
+    while hasattr(feature, "feature"):  # List(List(Value(dtype)))
+        feature = feature.feature
+    return feature
+
+
+def _python_values(row: dict, stored: dict[str, str]) -> dict:
+    return {column: _as_dtype(value, stored[column]) if column in stored else
+            value if column.endswith("_feature_shape") else _python(value) for column, value in row.items()}
+
+
+def _as_dtype(value, dtype: str):
+    if isinstance(value, np.ndarray) and value.dtype == object:  # items of different lengths
+        return [_as_dtype(item, dtype) for item in value]
+    return value.astype(dtype, copy=False) if isinstance(value, np.ndarray) else value
 
 
 def _python(value):
@@ -301,4 +336,4 @@ class StreamingSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
-__all__ = ["StreamingSFTTrainer", "load_streaming_dataset", "webdataset_row"]
+__all__ = ["StreamingSFTTrainer", "dataset_builder", "load_streaming_dataset", "webdataset_row"]

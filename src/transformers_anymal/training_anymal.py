@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from datasets import IterableDataset, load_dataset, load_from_disk
+from datasets import IterableDataset, load_from_disk
 from peft import LNTuningConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForMultimodalLM, AutoProcessor
@@ -20,7 +20,7 @@ from transformers.utils import logging
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
 from .modeling_anymal import AnyMALForConditionalGeneration
-from .streaming_anymal import STATE_FILE, StreamingSFTTrainer, load_streaming_dataset
+from .streaming_anymal import STATE_FILE, StreamingSFTTrainer, dataset_builder, load_streaming_dataset
 
 
 logger = logging.get_logger(__name__)
@@ -75,14 +75,19 @@ def parse_recipe_args(dataclasses: tuple, description: str, argv: list[str] | No
 
 
 def load_dataset_dict(name: str, from_disk: bool = False, config: str | None = None, streaming: bool = False):
-    """The recipes' and scripts' datasets: `load_from_disk(name)`, or `load_dataset(name, config)`, with cached
-    encoder features read as arrays (`features_as_arrays`); with `streaming`, `load_streaming_dataset(name, config)`."""
+    """The recipes' and scripts' datasets: `load_from_disk(name)`, or what `load_dataset(name, config)` gives (built
+    from `dataset_builder`, so that a local folder reads its own files), with cached encoder features read as arrays
+    (`features_as_arrays`); with `streaming`, `load_streaming_dataset(name, config)`."""
     if streaming:
         if from_disk:
             raise ValueError("--streaming reads files that `datasets` streams (WebDataset .tar, parquet, json); a "
                              "save_to_disk folder loads with --dataset_from_disk alone.")
         return load_streaming_dataset(name, config)
-    return features_as_arrays(load_from_disk(name) if from_disk else load_dataset(str(name), name=config))
+    if from_disk:
+        return features_as_arrays(load_from_disk(name))
+    builder = dataset_builder(name, config)
+    builder.download_and_prepare()
+    return features_as_arrays(builder.as_dataset())
 
 
 def first_rows(dataset, count: int = 64):
