@@ -284,6 +284,11 @@ def test_demo_data_exported_as_webdataset_streams_back_to_the_rows_own_batches(d
                               two_images["messages"][1]]
     with pytest.raises(ValueError, match="row 1 holds more than one image; a WebDataset sample has one file"):
         write_webdataset([demo["rows"][0], two_images], tmp_path / "two")
+    (tmp_path / "clip.gif").write_bytes(b"GIF89a")
+    gif_video = {"messages": [{"role": "user", "content": [{"type": "video", "video": str(tmp_path / "clip.gif")}]},
+                              {"role": "assistant", "content": [{"type": "text", "text": "a clip"}]}]}
+    with pytest.raises(ValueError, match=r"row 0: its video is a .gif file, .* convert it to one of .mp4"):
+        write_webdataset([gif_video], tmp_path / "gif")
     import export_webdataset
 
     with pytest.raises(ValueError, match="already holds shards; write to a new folder"):

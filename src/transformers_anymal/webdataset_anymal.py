@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from .collator_anymal import bare_chat, chat_of_row
 from .media_anymal import as_array
+from .streaming_anymal import MEDIA_EXTENSIONS
 
 
-MODALITY_ORDER = ("image", "video", "audio", "imu")  # of a shard set's name, e.g. image-audio
+MODALITY_ORDER = tuple(MEDIA_EXTENSIONS)  # image, video, audio, imu: of a shard set's name, e.g. image-audio
 SHARD = "{split}-{index:05d}.tar"
 VIDEO_FPS = 8  # the rate written for frame arrays, which do not carry one
 
@@ -119,6 +120,14 @@ def sample_files(row: dict, index: int, sampling_rates: dict[str, int]) -> tuple
 
 def media_file(name: str, block: dict, index: int) -> tuple[str, bytes]:
     """A media block's item as the extension and bytes of a file that decodes to the same values."""
+    extension, data = _media_file(name, block, index)
+    if extension not in MEDIA_EXTENSIONS[name]:
+        raise ValueError(f"row {index}: its {name} is a .{extension} file, which streaming does not read as {name}; "
+                         f"convert it to one of .{', .'.join(MEDIA_EXTENSIONS[name])}.")
+    return extension, data
+
+
+def _media_file(name: str, block: dict, index: int) -> tuple[str, bytes]:
     item = block.get(name)
     if item is None and block.get("path") is not None:
         item = block["path"]
@@ -140,6 +149,9 @@ def media_file(name: str, block: dict, index: int) -> tuple[str, bytes]:
         return "png", png(item)
     if name == "video":
         return "mp4", lossless_mp4(np.asarray([as_array(frame) for frame in item], dtype=np.uint8))
+    if block.get("sampling_rate") is None:
+        raise ValueError(f"row {index}: its {name} recording has no sampling rate; add a `{name}_sampling_rate` "
+                         "column or give it as {'array': ..., 'sampling_rate': ...}.")
     if name == "audio":
         return audio_file(np.asarray(as_array(item), dtype=np.float32), block["sampling_rate"])
     buffer = io.BytesIO()
@@ -149,7 +161,8 @@ def media_file(name: str, block: dict, index: int) -> tuple[str, bytes]:
 
 def sniffed_extension(name: str, data: bytes, index: int) -> str:
     if name == "image":
-        return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(Image.open(io.BytesIO(data)).format, "png")
+        image_format = Image.open(io.BytesIO(data)).format or "unknown"
+        return {"JPEG": "jpg"}.get(image_format, image_format.lower())
     raise ValueError(f"row {index}: {name} bytes without a file name; give {{'bytes': ..., 'path': 'name.ext'}} so "
                      "their format is known.")
 
