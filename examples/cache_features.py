@@ -2,7 +2,7 @@
 without them.
 
     python examples/cache_features.py --model_name_or_path anymal-7b-init --dataset_name my/captions \\
-        --output_dir my-captions-features [--imu_sampling_rate 100] [--dtype float16] [--streaming]
+        --output_dir my-captions-features [--imu_sampling_rate 100] [--dtype bfloat16] [--streaming]
     accelerate launch --num_processes 8 examples/cache_features.py ...  # 8 ranks, each writing shards of its own
     accelerate launch examples/align.py --model_name_or_path anymal-7b-init --dataset_name my-captions-features \\
         --output_dir anymal-7b-aligned [--streaming]
@@ -39,8 +39,9 @@ def parse_args(argv=None):
                         help="stream dataset_name (WebDataset .tar shards, parquet, ...) instead of loading it")
     parser.add_argument("--output_dir", required=True, help="where the parquet shards and manifest.json go")
     parser.add_argument("--imu_sampling_rate", type=int, help="rate (Hz) of IMU columns that don't say")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"],
-                        help="precision the features are stored in")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="precision the features are stored in (bfloat16 as its 16-bit patterns, uint16 columns: "
+                             "parquet has no bfloat16 type; the collator turns them back)")
     parser.add_argument("--batch_size", type=int, default=32, help="rows encoded together")
     parser.add_argument("--shard_size", type=int, default=1024, help="rows per parquet shard (whole batches)")
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers that read and decode media")
@@ -153,12 +154,23 @@ def encode(model, batch: dict, names: list[str], dtype: str, device: str) -> lis
     rows = batch["rows"]
     for name in names:  # the batch's items come in row order; each row gets its own back
         media = batch["inputs"].get(MODALITIES[name].input_name)
-        items = iter([] if media is None else model.model.get_encoder_features(name, media.to(device)).cpu().numpy())
-        per_row = [[next(items).astype(dtype) for _ in range(count)] for count in batch["counts"][name]]
+        items = iter([] if media is None else stored(model.model.get_encoder_features(name, media.to(device)), dtype))
+        per_row = [[next(items) for _ in range(count)] for count in batch["counts"][name]]
         for column, per_row_values in feature_values(name, per_row).items():
             for row, value in zip(rows, per_row_values):
                 row[column] = value
     return rows
+
+
+def stored(features, dtype: str):
+    """Encoder features as the cache stores them: a numpy array of `dtype`, bfloat16 as its bit patterns (uint16)."""
+    import torch
+
+    from transformers_anymal.processing_anymal import BFLOAT16_BITS
+
+    if dtype == "bfloat16":
+        return features.detach().to(torch.bfloat16).cpu().view(torch.int16).numpy().view(BFLOAT16_BITS)
+    return features.detach().cpu().numpy().astype(dtype)
 
 
 def write_shard(folder: Path, rank: int, index: int, records: list[dict], features) -> str:
@@ -274,7 +286,8 @@ def feature_columns(name: str, dtype: str) -> dict:
     otherwise fix the column's type."""
     from datasets import List, Value
 
-    return {f"{name}_features": List(List(Value(dtype))), f"{name}_feature_shape": List(Value("int32"))}
+    stored_as = "uint16" if dtype == "bfloat16" else dtype  # bfloat16 bit patterns (`stored`)
+    return {f"{name}_features": List(List(Value(stored_as))), f"{name}_feature_shape": List(Value("int32"))}
 
 
 if __name__ == "__main__":

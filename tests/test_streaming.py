@@ -170,17 +170,29 @@ def test_a_shard_cut_short_is_left_out_and_named(setup, tmp_path):
     assert "train-00002" not in captured.out
 
 
-def test_a_float16_cache_streams_its_features_as_stored(setup, tmp_path):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_low_precision_cache_gives_the_float32_features_rounded_whole_and_streamed(setup, tmp_path, dtype):
     from transformers_anymal.training_anymal import load_dataset_dict
 
-    cache(setup, tmp_path / "cache", "--dtype", "float16", "--num_workers", "1")
-    streamed = {row["__key__"]: row for row in load_dataset_dict(tmp_path / "cache", streaming=True)["train"]}
-    whole = {row["__key__"]: row for row in load_dataset_dict(tmp_path / "cache")["train"]}
-    assert len(streamed) == 24 and streamed.keys() == whole.keys()
+    cache(setup, tmp_path / "float32", "--num_workers", "1")
+    cache(setup, tmp_path / dtype, "--dtype", dtype, "--num_workers", "1")
+    assert json.loads((tmp_path / dtype / "manifest.json").read_text())["dtype"] == dtype
+    reference = {row["__key__"]: row for row in load_dataset_dict(tmp_path / "float32")["train"]}
+    whole = {row["__key__"]: row for row in load_dataset_dict(tmp_path / dtype)["train"]}
+    streamed = {row["__key__"]: row for row in load_dataset_dict(tmp_path / dtype, streaming=True)["train"]}
+    assert len(streamed) == 24 and streamed.keys() == whole.keys() == reference.keys()
+    stored = np.float16 if dtype == "float16" else np.uint16  # bfloat16 as its bit patterns: parquet has no bfloat16
     for key, row in streamed.items():
         for column in ("image_features", "imu_features"):
-            assert row[column].dtype == whole[key][column].dtype == np.float16, column
+            assert row[column].dtype == whole[key][column].dtype == stored, column
             assert np.array_equal(row[column], whole[key][column]), (key, column)
+
+    collator = AnyMALDataCollator(AutoProcessor.from_pretrained(setup["base"]))
+    keys = sorted(streamed)[:4]
+    low, full = (collator([rows[key] for key in keys])["encoder_features"] for rows in (streamed, reference))
+    for name in ("image", "imu"):
+        assert low[name].dtype == getattr(torch, dtype) and full[name].dtype == torch.float32
+        assert torch.equal(low[name], full[name].to(low[name].dtype)), name  # the same rounding as torch's
 
 
 def test_folders_of_the_same_name_each_load_their_own_rows(tmp_path):

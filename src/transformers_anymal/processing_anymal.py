@@ -85,12 +85,21 @@ def chatml_chat_template(modalities: list[str]) -> str:
 _ABSENT = object()  # an attribute that was not set
 
 
+BFLOAT16_BITS = np.uint16  # the dtype that holds bfloat16 features in a cache (examples/cache_features.py)
+
+
 class EncoderFeatures:
     """An item whose frozen-encoder features were computed earlier (feature caching): the processor expands its
     placeholder as for raw media and hands the features to the model as `encoder_features`."""
 
     def __init__(self, features):
-        self.features = torch.as_tensor(np.asarray(features)) if not isinstance(features, torch.Tensor) else features
+        if not isinstance(features, torch.Tensor):
+            features = np.asarray(features)
+            # numpy and parquet have no bfloat16: caches keep its bit patterns as uint16
+            bits = features.dtype == BFLOAT16_BITS
+            features = torch.as_tensor(features.view(np.int16) if bits else features)
+            features = features.view(torch.bfloat16) if bits else features
+        self.features = features
 
 
 def media_kind(name: str) -> MediaKind:
