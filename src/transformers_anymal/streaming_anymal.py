@@ -287,7 +287,8 @@ class StreamingSFTTrainer(SFTTrainer):
     process i of N the i-th N-th of the shards), DataLoader workers read and decode, every batch says where its
     worker's stream stands, checkpoints keep it, and `resume_stream` continues from it instead of re-reading the
     batches already trained on. Rows that fail to decode are skipped and counted (`on_error="skip"`) or stop the run
-    (`"raise"`). Logs add `samples_per_second` and, once any is skipped, `skipped_samples`."""
+    (`"raise"`). Logs add `samples_per_second` and, once any is skipped, `skipped_samples`, both this process's (the
+    main process logs them)."""
 
     def __init__(self, *args, on_error: str = "skip", **kwargs):
         super().__init__(*args, **kwargs)
