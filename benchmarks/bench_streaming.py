@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     args = parse_args(__doc__, "streaming.json", argv,
                       num_workers=(int, 1, "DataLoader workers that decode and preprocess, in every arm"))
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    count, batch_size, repeats = (32, 8, 3) if args.quick else (128, 16, 5)
+    count, batch_size, repeats = (16, 8, 2) if args.quick else (128, 16, 5)
     media = load_media(0)
     captions = build_demo_dataset(media, 0, videos_per_split={"train": count, "test": 1})["align"]
     kinds = captions["kind"]

@@ -170,14 +170,21 @@ def test_a_shard_cut_short_is_left_out_and_named(setup, tmp_path):
     assert "train-00002" not in captured.out
 
 
+@pytest.fixture(scope="module")
+def float32_cache(setup, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("float32") / "cache"
+    cache(setup, folder, "--num_workers", "1")
+    return folder
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_a_low_precision_cache_gives_the_float32_features_rounded_whole_and_streamed(setup, tmp_path, dtype):
+def test_a_low_precision_cache_gives_the_float32_features_rounded_whole_and_streamed(setup, float32_cache, tmp_path,
+                                                                                     dtype):
     from transformers_anymal.training_anymal import load_dataset_dict
 
-    cache(setup, tmp_path / "float32", "--num_workers", "1")
     cache(setup, tmp_path / dtype, "--dtype", dtype, "--num_workers", "1")
     assert json.loads((tmp_path / dtype / "manifest.json").read_text())["dtype"] == dtype
-    reference = {row["__key__"]: row for row in load_dataset_dict(tmp_path / "float32")["train"]}
+    reference = {row["__key__"]: row for row in load_dataset_dict(float32_cache)["train"]}
     whole = {row["__key__"]: row for row in load_dataset_dict(tmp_path / dtype)["train"]}
     streamed = {row["__key__"]: row for row in load_dataset_dict(tmp_path / dtype, streaming=True)["train"]}
     assert len(streamed) == 24 and streamed.keys() == whole.keys() == reference.keys()
