@@ -51,7 +51,8 @@ def one_pass(rows, collator, batch_size: int, num_workers: int, step=None) -> in
     return samples
 
 
-def median_seconds(passes: dict, repeats: int) -> dict[str, float]:
+def interleaved_medians(passes: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each pass in `passes`, over interleaved rounds (`common.interleaved_seconds`)."""
     return {name: float(np.median(values)) for name, values in interleaved_seconds(passes, "cpu", repeats).items()}
 
 
@@ -59,9 +60,9 @@ def measure(name: str, model, collator, folder: Path, in_memory, args, count: in
             repeats: int) -> dict:
     """Both comparisons for one modality, whose shard set is `<folder>/shards/<name>` and whose rows are `in_memory`."""
     stream = load_streaming_dataset(folder / "shards", name)["train"]
-    seconds = median_seconds({"streaming": lambda: one_pass(stream, collator, batch_size, args.num_workers),
-                              "in_memory": lambda: one_pass(in_memory, collator, batch_size, args.num_workers)},
-                             repeats)
+    seconds = interleaved_medians({"streaming": lambda: one_pass(stream, collator, batch_size, args.num_workers),
+                                   "in_memory": lambda: one_pass(in_memory, collator, batch_size, args.num_workers)},
+                                  repeats)
     results = {"input": {f"{arm}_samples_per_s": count / value for arm, value in seconds.items()},
                "streaming_vs_in_memory": seconds["in_memory"] / seconds["streaming"]}
 
@@ -77,9 +78,9 @@ def measure(name: str, model, collator, folder: Path, in_memory, args, count: in
         optimizer.step()
         optimizer.zero_grad()
 
-    seconds = median_seconds({"on_the_fly": lambda: one_pass(stream, collator, batch_size, args.num_workers, step),
-                              "cached": lambda: one_pass(cache, collator, batch_size, args.num_workers, step)},
-                             repeats)
+    seconds = interleaved_medians({"on_the_fly": lambda: one_pass(stream, collator, batch_size, args.num_workers, step),
+                                   "cached": lambda: one_pass(cache, collator, batch_size, args.num_workers, step)},
+                                  repeats)
     results["stage1"] = {f"{arm}_samples_per_s": count / value for arm, value in seconds.items()}
     results["stage1_stream_cache_speedup"] = seconds["on_the_fly"] / seconds["cached"]
     return results
