@@ -167,6 +167,46 @@ def test_instruction_tuning_trains_adapters_and_projectors(setup, tmp_path):
         assert torch.allclose(tuned(**inputs).logits, merged(**inputs).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_items_in_batch", [None, 23])
+def test_cpu_training_loss_projects_only_labelled_positions_and_equals_trls(setup, tmp_path, num_items_in_batch):
+    """On a CPU, AnyMALSFTTrainer's loss scores only the positions that have a label, and gives TRL's loss and
+    gradients (which project every position through the head there)."""
+    from datasets import load_from_disk
+    from trl import SFTTrainer
+
+    from transformers_anymal import AnyMALDataCollator
+    from transformers_anymal.training_anymal import AnyMALSFTConfig, sft_trainer
+
+    model = AutoModelForMultimodalLM.from_pretrained(setup["base"])
+    model.set_trainable(language_model=True, encoders=False, projectors=True)
+    processor = AutoProcessor.from_pretrained(setup["base"])
+    collator = AnyMALDataCollator(processor, sampling_rates={"imu": 100})
+    rows = load_from_disk(setup["data"])["train"]
+    args = AnyMALSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    trainer = sft_trainer(model, args=args, data_collator=collator, train_dataset=rows, processing_class=processor)
+    batch = collator([rows[index] for index in range(8)])
+    positions = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda _, args: positions.append(args[0].shape))
+    model.train()
+
+    def loss_and_grads(compute_loss):
+        model.zero_grad()
+        loss = compute_loss(trainer, model, dict(batch), num_items_in_batch=num_items_in_batch)
+        loss.backward()
+        return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    compact_loss, compact_grads = loss_and_grads(type(trainer).compute_loss)
+    trl_loss, trl_grads = loss_and_grads(SFTTrainer.compute_loss)
+    hook.remove()
+    rows_projected, length = batch["input_ids"].shape
+    labelled = (batch["labels"][:, 1:] != -100).any(0).sum().item()
+    assert positions[0][:2] == (rows_projected, labelled) and labelled < length  # the answers' positions only
+    assert compact_loss == pytest.approx(trl_loss, rel=1e-5)
+    assert compact_grads.keys() == trl_grads.keys() and any(".language_model." in name for name in compact_grads)
+    for name, grad in compact_grads.items():
+        torch.testing.assert_close(grad, trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_lora_target_modules_pick_the_language_models_layers_by_name():
     from trl import ModelConfig
 

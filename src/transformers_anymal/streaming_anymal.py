@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
-from trl import SFTTrainer
+
+from .trainer_anymal import AnyMALSFTTrainer
 
 
 logger = logging.get_logger(__name__)
@@ -282,7 +283,7 @@ class StartFrom:
             dataset.load_state_dict(position)
 
 
-class StreamingSFTTrainer(SFTTrainer):
+class StreamingSFTTrainer(AnyMALSFTTrainer):
     """SFTTrainer over a streamed `datasets.IterableDataset`: each process reads its own shards (accelerate gives
     process i of N the i-th N-th of the shards), DataLoader workers read and decode, every batch says where its
     worker's stream stands, checkpoints keep it, and `resume_stream` continues from it instead of re-reading the

@@ -21,6 +21,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, 
 
 from .modeling_anymal import AnyMALForConditionalGeneration
 from .streaming_anymal import STATE_FILE, StreamingSFTTrainer, dataset_builder, load_streaming_dataset
+from .trainer_anymal import AnyMALSFTTrainer
 
 
 logger = logging.get_logger(__name__)
@@ -132,7 +133,7 @@ def load_model_and_processor(model_args: ModelConfig) -> tuple[AnyMALForConditio
 
 def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, stream_errors: str = "skip",
                 **kwargs) -> SFTTrainer:
-    """`SFTTrainer(model=model, peft_config=peft_config, **kwargs)` whose trainable weights keep the precision they
+    """`AnyMALSFTTrainer(model=model, peft_config=peft_config, **kwargs)` whose trainable weights keep the precision they
     were loaded in when the language model is 4/8-bit; a `StreamingSFTTrainer` (rows that fail to decode:
     `stream_errors`) when the train dataset is streamed.
 
@@ -140,7 +141,7 @@ def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, stream_
     the projectors: a resampler latent near 1.0 has a bf16 step of 0.0078, so Adam updates of about the learning
     rate (2e-4) round away. The PEFT model is built here and its trainable weights restored after TRL's cast.
     """
-    trainer_class = SFTTrainer
+    trainer_class = AnyMALSFTTrainer
     if isinstance(kwargs.get("train_dataset"), IterableDataset):  # TRL turns accelerate's dispatch_batches off
         trainer_class = partial(StreamingSFTTrainer, on_error=stream_errors)
     if not getattr(model, "is_quantized", False):
