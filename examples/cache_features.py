@@ -9,8 +9,8 @@ without them.
 
 <output_dir> is a dataset that `load_dataset` reads, whole or streamed: per split a folder of parquet shards
 (`<split>/<rank>-<n>.parquet`, about --shard_size rows each), a README.md whose `configs` name the splits, and
-manifest.json (the encoders' checkpoint, a hash of their configs, the dtype, rows and shards per split, samples
-skipped). Each row keeps its chat and gets a `<modality>_features` column (one flat array per item, in block order)
+manifest.json (the encoders' checkpoint, digests of their configs and weights, the dtype, a digest of each split's
+rows, rows and shards per split, samples skipped). Each row keeps its chat and gets a `<modality>_features` column (one flat array per item, in block order)
 and a `<modality>_feature_shape` column (one item's shape) in place of its media columns; AnyMALDataCollator then
 passes them to the model as `encoder_features`. Features are what the encoders give before the projectors, so the
 projectors still train. Items are stored flat because datasets converts nested lists to numpy element by element
@@ -18,8 +18,9 @@ projectors still train. Items are stored flat because datasets converts nested l
 
 A shard is written whole and then renamed into place, and each rank records the shards it finished (with, when
 streaming, where each DataLoader worker's stream stood), so the same command after a crash goes on from the next
-shard without encoding the finished ones again. Media decode in DataLoader workers (--num_workers; streaming needs
-at least 1). A sample that fails to decode is skipped and counted in the manifest (--stream_errors raise: stop).
+shard without encoding the finished ones again. A folder that holds features of other encoders (checkpoint,
+configs or weights), another dtype or other rows is refused rather than added to. Media decode in DataLoader
+workers (--num_workers; streaming needs at least 1). A sample that fails to decode is skipped and counted in the manifest (--stream_errors raise: stop).
 """
 
 import argparse
@@ -76,8 +77,12 @@ def main(argv: list[str] | None = None):
     collator = AnyMALDataCollator(processor, sampling_rates={"imu": args.imu_sampling_rate} if args.imu_sampling_rate else {})
     dataset = load_dataset_dict(args.dataset_name, args.dataset_from_disk, args.dataset_config, args.streaming)
     output = Path(args.output_dir)
-    identity = {"encoders": args.model_name_or_path, "config_hash": encoder_config_hash(model), "dtype": args.dtype}
+    identity = None
     if state.is_main_process:
+        identity = {"encoders": args.model_name_or_path, "config_hash": encoder_config_hash(model),
+                    "encoder_weights": encoder_weights_digest(model), "dtype": args.dtype,
+                    # a stream is not read ahead: its rows are known by the shards' positions alone
+                    "rows": None if args.streaming else {split: rows_digest(rows) for split, rows in dataset.items()}}
         check_identity(output, identity)
     state.wait_for_everyone()
 
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None):
             rows = split_dataset_by_node(rows, rank=state.process_index, world_size=state.num_processes)
         else:
             rows = rows.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
-            rows = rows.select(range(progress.consumed, len(rows)))
+            rows = rows.select(range(progress.consumed, len(rows)) if progress.consumed < len(rows) else [])
         loader = DataLoader(rows, batch_size=args.batch_size, num_workers=args.num_workers,
                             collate_fn=StreamCollator(ChatsToInputs(collator, processor, names, media), args.stream_errors),
                             worker_init_fn=StartFrom(progress.positions) if args.streaming else None)
@@ -229,16 +234,47 @@ def encoder_config_hash(model) -> str:
     return hashlib.sha256(json.dumps(encoders, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def encoder_weights_digest(model) -> str:
+    """A digest of the encoders' weights (names and bytes): two checkpoints of the same configs, trained apart, differ."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.model.encoders.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def rows_digest(rows) -> str:
+    """A digest of a loaded split's rows, media included: its Arrow table's schema and buffers, in row order."""
+    digest = hashlib.sha256()
+    table = rows.data.table
+    digest.update(str(table.schema).encode())
+    for column in table.columns:
+        for chunk in column.chunks:
+            for buffer in chunk.buffers():
+                if buffer is not None:
+                    digest.update(buffer)
+    return f"{len(rows)} rows, {digest.hexdigest()[:16]}"
+
+
+IDENTITY_FIELDS = {"encoders": "the encoders' checkpoint", "config_hash": "the encoders' configs",
+                   "encoder_weights": "the encoders' weights", "dtype": "the dtype", "rows": "the dataset's rows"}
+
+
 def check_identity(output: Path, identity: dict) -> None:
-    """Records what the cache holds in `identity.json`, or refuses to add shards to a cache of other encoders or
-    another dtype."""
+    """Records what the cache holds in `identity.json`, or refuses to add shards to a cache of other encoders (their
+    checkpoint, configs or weights), another dtype or other rows: going on from its shards would mix features of two
+    runs in one dataset."""
     path = output / "identity.json"
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved != identity:
-            raise ValueError(f"{output} holds features of {saved['encoders']} (configs {saved['config_hash']}, "
-                             f"{saved['dtype']}); this run makes {identity['encoders']} ({identity['config_hash']}, "
-                             f"{identity['dtype']}). Use another --output_dir.")
+        differ = [field for field in IDENTITY_FIELDS if saved.get(field) != identity[field]]
+        if differ:
+            said = "; ".join(f"{IDENTITY_FIELDS[field]}: {saved.get(field)} there, {identity[field]} now"
+                             for field in differ)
+            raise ValueError(f"{output} holds features of another run ({said}); adding to it would mix the two. "
+                             f"Use another --output_dir, or delete {output} to encode again.")
     elif any(output.glob("*/*.parquet")):
         raise ValueError(f"{output} holds parquet shards but no identity.json, so not a cache of this script's; "
                          "use another --output_dir.")

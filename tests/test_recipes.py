@@ -153,6 +153,33 @@ def test_alignment_on_cached_encoder_features(setup, tmp_path):
     assert changed and all(".projectors." in key for key in changed)
 
 
+def test_a_feature_cache_refuses_to_go_on_with_other_rows_or_other_encoder_weights(setup, tmp_path):
+    """Going on from a cache's shards with other data, or with encoders of the same configs trained apart (saved to
+    the same folder), would mix features of two runs in one dataset: refused, naming what differs."""
+    base = tmp_path / "base"
+    shutil.copytree(setup["base"], base)
+
+    def cache(data):
+        return run_python(EXAMPLES / "cache_features.py", "--model_name_or_path", base, "--dataset_name", data,
+                          "--dataset_from_disk", "--imu_sampling_rate", "100", "--output_dir", tmp_path / "features",
+                          check=False, timeout=300)
+
+    assert cache(setup["data"]).returncode == 0
+    again = cache(setup["data"])  # the same run again: nothing left to encode
+    assert again.returncode == 0 and "already written; going on from there" in again.stdout
+
+    other_rows = cache(make_chat_dataset(tmp_path / "other-data", seed=1))
+    assert other_rows.returncode != 0 and "the dataset's rows: {'train': '16 rows, " in other_rows.stderr
+    assert f"delete {tmp_path / 'features'} to encode again" in other_rows.stderr
+    assert "weights" not in other_rows.stderr.split("ValueError")[-1]
+
+    tiny_model(seed=1).save_pretrained(base)  # the same configs, other weights
+    other_weights = cache(setup["data"])
+    assert other_weights.returncode != 0 and "the encoders' weights" in other_weights.stderr
+    assert "rows" not in other_weights.stderr.split("ValueError")[-1]
+    assert json.loads((tmp_path / "features" / "manifest.json").read_text())["splits"]["train"]["rows"] == 16
+
+
 def test_instruction_tuning_trains_adapters_and_projectors(setup, tmp_path):
     recipe("sft.py", setup, tmp_path, "--max_steps", 3, "--learning_rate", "1e-3", "--merge")
     adapters = load_file(tmp_path / "adapter_model.safetensors")

@@ -13,6 +13,7 @@ Steps 3-6 run the same scripts, with the options printed, that scale to anymal-7
 import json
 import os
 import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -112,6 +113,7 @@ def run_steps(out: Path, seed: int) -> dict:
             "--dataset_train_split", "sft", "--output_dir", out / "instructed", "--num_train_epochs", "3",
             "--learning_rate", "2e-3", "--lora_r", "16", "--lora_alpha", "32", "--merge", *common]),
     }
+    shutil.rmtree(out / "features", ignore_errors=True)  # cache_features.py would go on from an earlier run's shards
     for title, (script, run, argv) in stages.items():
         step(title)
         argv = [str(arg) for arg in argv]
