@@ -10,17 +10,18 @@ without them.
 <output_dir> is a dataset that `load_dataset` reads, whole or streamed: per split a folder of parquet shards
 (`<split>/<rank>-<n>.parquet`, about --shard_size rows each), a README.md whose `configs` name the splits, and
 manifest.json (the encoders' checkpoint, digests of their configs and weights, the dtype, a digest of each split's
-rows, rows and shards per split, samples skipped). Each row keeps its chat and gets a `<modality>_features` column (one flat array per item, in block order)
-and a `<modality>_feature_shape` column (one item's shape) in place of its media columns; AnyMALDataCollator then
-passes them to the model as `encoder_features`. Features are what the encoders give before the projectors, so the
-projectors still train. Items are stored flat because datasets converts nested lists to numpy element by element
-(about 70 ViT-L items/s per core here) and flat ones whole (over 2,000/s).
+rows, rows and shards per split, samples skipped). Each row keeps its chat and gets a `<modality>_features` column
+(one flat array per item, in block order) and a `<modality>_feature_shape` column (one item's shape) in place of its
+media columns; AnyMALDataCollator then passes them to the model as `encoder_features`. Features are what the
+encoders give before the projectors, so the projectors still train. Items are stored flat because datasets converts
+nested lists to numpy element by element (about 70 ViT-L items/s per core here) and flat ones whole (over 2,000/s).
 
 A shard is written whole and then renamed into place, and each rank records the shards it finished (with, when
 streaming, where each DataLoader worker's stream stood), so the same command after a crash goes on from the next
-shard without encoding the finished ones again. A folder that holds features of other encoders (checkpoint,
-configs or weights), another dtype or other rows is refused rather than added to. Media decode in DataLoader
-workers (--num_workers; streaming needs at least 1). A sample that fails to decode is skipped and counted in the manifest (--stream_errors raise: stop).
+shard without encoding the finished ones again. A folder that holds features of other encoders (checkpoint, configs
+or weights), another dtype or other rows is refused rather than added to. Media decode in DataLoader workers
+(--num_workers; streaming needs at least 1). A sample that fails to decode is skipped and counted in the manifest
+(--stream_errors raise: stop).
 """
 
 import argparse

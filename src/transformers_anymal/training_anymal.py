@@ -133,8 +133,8 @@ def load_model_and_processor(model_args: ModelConfig) -> tuple[AnyMALForConditio
 
 def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, stream_errors: str = "skip",
                 **kwargs) -> SFTTrainer:
-    """`AnyMALSFTTrainer(model=model, peft_config=peft_config, **kwargs)` whose trainable weights keep the precision they
-    were loaded in when the language model is 4/8-bit; a `StreamingSFTTrainer` (rows that fail to decode:
+    """`AnyMALSFTTrainer(model=model, peft_config=peft_config, **kwargs)` whose trainable weights keep the precision
+    they were loaded in when the language model is 4/8-bit; a `StreamingSFTTrainer` (rows that fail to decode:
     `stream_errors`) when the train dataset is streamed.
 
     There TRL 1.16 casts every trainable parameter to bf16, the QLoRA paper's choice for LoRA adapters. It starves
