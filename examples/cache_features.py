@@ -272,8 +272,9 @@ def check_identity(output: Path, identity: dict) -> None:
         saved = json.loads(path.read_text())
         differ = [field for field in IDENTITY_FIELDS if saved.get(field) != identity[field]]
         if differ:
-            said = "; ".join(f"{IDENTITY_FIELDS[field]}: {saved.get(field)} there, {identity[field]} now"
-                             for field in differ)
+            said = "; ".join(f"{IDENTITY_FIELDS[field]}: "
+                             f"{saved[field] if field in saved else 'not recorded (an older cache_features.py)'} there, "
+                             f"{identity[field]} now" for field in differ)
             raise ValueError(f"{output} holds features of another run ({said}); adding to it would mix the two. "
                              f"Use another --output_dir, or delete {output} to encode again.")
     elif any(output.glob("*/*.parquet")):

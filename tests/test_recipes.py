@@ -179,6 +179,12 @@ def test_a_feature_cache_refuses_to_go_on_with_other_rows_or_other_encoder_weigh
     assert "rows" not in other_weights.stderr.split("ValueError")[-1]
     assert json.loads((tmp_path / "features" / "manifest.json").read_text())["splits"]["train"]["rows"] == 16
 
+    identity = tmp_path / "features" / "identity.json"  # as caches written before the weights were recorded
+    identity.write_text(json.dumps({key: value for key, value in json.loads(identity.read_text()).items()
+                                    if key != "encoder_weights"}))
+    older = cache(setup["data"])
+    assert older.returncode != 0 and "the encoders' weights: not recorded (an older cache_features.py)" in older.stderr
+
 
 def test_instruction_tuning_trains_adapters_and_projectors(setup, tmp_path):
     recipe("sft.py", setup, tmp_path, "--max_steps", 3, "--learning_rate", "1e-3", "--merge")
