@@ -240,6 +240,109 @@ def test_cpu_training_loss_projects_only_labelled_positions_and_equals_trls(setu
         torch.testing.assert_close(grad, trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def lora_trainer(setup, tmp_path, base_kl_weight: float, rows, random_adapters: bool = True, **args):
+    """A LoRA AnyMALSFTTrainer of the tiny model on `rows`; with `random_adapters`, the adapters' B matrices random
+    (not zero, as LoRA starts), so the tuned model answers otherwise than the model without adapters."""
+    from trl import ModelConfig
+
+    from transformers_anymal import AnyMALDataCollator
+    from transformers_anymal.training_anymal import AnyMALSFTConfig, lora_config, sft_trainer
+
+    model = AutoModelForMultimodalLM.from_pretrained(setup["base"])
+    model.set_trainable(language_model=False, encoders=False, projectors=True)
+    processor = AutoProcessor.from_pretrained(setup["base"])
+    args = AnyMALSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                           base_kl_weight=base_kl_weight, **args)
+    trainer = sft_trainer(model, peft_config=lora_config(model, ModelConfig(lora_r=4, lora_dropout=0.0)), args=args, train_dataset=rows,
+                          data_collator=AnyMALDataCollator(processor, sampling_rates={"imu": 100}),
+                          processing_class=processor)
+    torch.manual_seed(0)
+    for name, parameter in trainer.model.named_parameters():
+        if "lora_B" in name and random_adapters:
+            parameter.data.normal_(0, 0.2)
+    return trainer
+
+
+def kl_to_base(trainer, batch: dict) -> torch.Tensor:
+    """Per row, KL(model without adapters || model) summed over the row's labelled positions, from full logits."""
+    from torch.nn import functional
+
+    model = trainer.model
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    with torch.no_grad():
+        tuned = model(**inputs).logits.log_softmax(-1)
+        with model.disable_adapter():
+            base = model(**inputs).logits.log_softmax(-1)
+    labelled = functional.pad(batch["labels"][:, 1:], (0, 1), value=-100) != -100
+    return ((base.exp() * (base - tuned)).sum(-1) * labelled).sum(1)
+
+
+def test_base_kl_weight_adds_the_kl_to_the_llm_without_adapters_on_text_only_rows(setup, tmp_path):
+    """The loss with base_kl_weight is the cross-entropy plus the weight times the KL divergence, from the model
+    with its adapters disabled, of the text-only rows' answer tokens (over the batch's labelled tokens); rows with
+    media add none of it."""
+    from datasets import load_from_disk
+
+    rows = load_from_disk(setup["data"])["train"]
+    trainer = lora_trainer(setup, tmp_path, 3.0, rows)
+    model, collator = trainer.model, trainer.data_collator
+    model.train()
+
+    def losses(batch):
+        with torch.no_grad():
+            with_kl = trainer.compute_loss(model, dict(batch)).item()
+            trainer.args.base_kl_weight = 0.0
+            plain = trainer.compute_loss(model, dict(batch)).item()
+            trainer.args.base_kl_weight = 3.0
+        return with_kl, plain
+
+    kinds = rows["kind"]
+    mixed = collator([rows[index] for index in range(8)])
+    text = torch.tensor([kind == "text" for kind in kinds[:8]])
+    assert text.any() and not text.all()
+    with_kl, plain = losses(mixed)
+    kl = kl_to_base(trainer, mixed)
+    labelled = (mixed["labels"][:, 1:] != -100).sum().item()
+    assert kl[text].min() > 1e-3  # the random adapters move the text answers
+    assert with_kl == pytest.approx(plain + 3.0 * kl[text].sum().item() / labelled, rel=1e-4)
+
+    media_only = collator([rows[index] for index, kind in enumerate(kinds) if kind != "text"][:6])
+    with_kl, plain = losses(media_only)
+    assert with_kl == pytest.approx(plain, rel=1e-6)
+
+
+def test_training_with_base_kl_weight_keeps_text_answers_nearer_the_llm_without_adapters(setup, tmp_path):
+    """Trained on text-only rows whose answers the untouched LLM does not give, the adapters move those answers far
+    less with base_kl_weight than without."""
+    from datasets import load_from_disk
+
+    rows = load_from_disk(setup["data"])["train"]
+    rows = rows.select([index for index, kind in enumerate(rows["kind"]) if kind == "text"])
+    drift = {}
+    for weight in (0.0, 100.0):
+        trainer = lora_trainer(setup, tmp_path / str(weight), weight, rows, random_adapters=False, max_steps=40,
+                               learning_rate=2e-3, per_device_train_batch_size=len(rows), save_strategy="no",
+                               logging_steps=100)
+        trainer.train()
+        trainer.model.eval()
+        drift[weight] = kl_to_base(trainer, trainer.data_collator(list(rows))).sum().item()
+    assert drift[0.0] > 0.1 and drift[100.0] < drift[0.0] / 3
+
+
+def test_base_kl_weight_needs_lora_adapters(setup, tmp_path):
+    from datasets import load_from_disk
+
+    from transformers_anymal import AnyMALDataCollator
+    from transformers_anymal.training_anymal import AnyMALSFTConfig, sft_trainer
+
+    model = AutoModelForMultimodalLM.from_pretrained(setup["base"])
+    processor = AutoProcessor.from_pretrained(setup["base"])
+    args = AnyMALSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", base_kl_weight=1.0)
+    with pytest.raises(ValueError, match="without its LoRA adapters, and this model has none: train with --use_peft"):
+        sft_trainer(model, args=args, train_dataset=load_from_disk(setup["data"])["train"],
+                    data_collator=AnyMALDataCollator(processor), processing_class=processor)
+
+
 def test_lora_target_modules_pick_the_language_models_layers_by_name():
     from trl import ModelConfig
 

@@ -1,5 +1,6 @@
 """The recipes' trainer: TRL's SFTTrainer, with a training loss that, off CUDA and XPU, projects only the positions
-that have a label through the language model's head."""
+that have a label through the language model's head, and can keep text-only answers where the LLM without its LoRA
+adapters puts them (`base_kl_weight`)."""
 
 import torch
 from torch.nn import functional
@@ -21,7 +22,25 @@ class AnyMALSFTTrainer(SFTTrainer):
     batch's rows (a row's own unlabelled ones among them are ignored). Evaluation, other loss types, label
     smoothing and `compute_loss_func` go through TRL's `compute_loss`, as does everything on CUDA and XPU. TRL's
     `entropy` and `mean_token_accuracy` logs come from its own loss, so a compact step logs the loss alone.
+
+    With `args.base_kl_weight` > 0 (a LoRA-tuned model), every training step takes this loss, on any device, plus
+    that weight times the KL divergence from the model with its adapters disabled (the untouched LLM) to the model,
+    summed over the answer tokens of the batch's text-only rows (those without placeholder tokens) and divided as
+    the cross-entropy is. Instruction tuning on short media answers otherwise drifts a small LLM's answers to plain
+    questions (its knowledge); the adapters then learn the media while its text answers stay put.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.base_kl_weight:
+            return
+        if not hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter"):
+            raise ValueError("base_kl_weight compares the model with the same model without its LoRA adapters, and "
+                             "this model has none: train with --use_peft, or set base_kl_weight to 0.")
+        if (self.args.loss_type != "nll" or self.label_smoother is not None or self.compute_loss_func is not None
+                or self.aux_loss_enabled):
+            raise ValueError("base_kl_weight adds to the plain cross-entropy (loss_type 'nll'), without label "
+                             "smoothing, compute_loss_func or an auxiliary loss; drop those or set base_kl_weight to 0.")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self._compact_loss(model, inputs, return_outputs):
@@ -36,6 +55,8 @@ class AnyMALSFTTrainer(SFTTrainer):
         targets = next_labels[:, keep]
         loss = functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                                         reduction="sum")
+        if self.base_kl_weight:
+            loss = loss + self.base_kl_weight * self._base_kl(model, inputs, keep, logits, targets)
         count = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
         loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -43,8 +64,30 @@ class AnyMALSFTTrainer(SFTTrainer):
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return loss
 
+    @property
+    def base_kl_weight(self) -> float:
+        return getattr(self.args, "base_kl_weight", 0.0)  # AnyMALSFTConfig's; TRL's SFTConfig has none
+
+    def _base_kl(self, model, inputs: dict, keep: torch.Tensor, logits: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+        """KL(untouched LLM || model), summed over the labelled positions `keep` of the text-only rows."""
+        peft_model = self.accelerator.unwrap_model(model)
+        placeholders = torch.tensor([getattr(peft_model.config, f"{name}_token_id")
+                                     for name in peft_model.config.modalities], device=inputs["input_ids"].device)
+        text = ~torch.isin(inputs["input_ids"], placeholders).any(1)
+        if not text.any():
+            return logits.new_zeros(())
+        mask = inputs.get("attention_mask")
+        with torch.no_grad(), peft_model.disable_adapter():  # no DDP wrapper: nothing of this pass is trained
+            base = peft_model(input_ids=inputs["input_ids"][text], attention_mask=None if mask is None else mask[text],
+                              use_cache=False, logits_to_keep=keep).logits
+        labelled = targets[text] != -100
+        base = base[labelled].float().log_softmax(-1)
+        tuned = logits[text][labelled].float().log_softmax(-1)
+        return functional.kl_div(tuned, base, log_target=True, reduction="sum")
+
     def _compact_loss(self, model, inputs, return_outputs) -> bool:
         return (model.training and not return_outputs and inputs.get("labels") is not None
-                and self.accelerator.device.type not in COMPACT_LOSS_DEVICES
+                and (self.accelerator.device.type not in COMPACT_LOSS_DEVICES or self.base_kl_weight)
                 and self.args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None
                 and not self.aux_loss_enabled)

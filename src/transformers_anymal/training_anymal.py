@@ -62,6 +62,10 @@ class AnyMALSFTConfig(SFTConfig):
     dataset_kwargs: dict | None = field(default_factory=lambda: {"skip_prepare_dataset": True},
                                         metadata={"help": "The collator tokenizes; TRL's preparation is skipped."})
     logging_steps: float = field(default=1, metadata={"help": "Log the loss every this many steps."})
+    base_kl_weight: float = field(default=0.0, metadata={
+        "help": "On text-only rows (no media), add this weight times the KL divergence from the language model "
+                "without its LoRA adapters to the model being trained, over the answer tokens: the adapters learn the "
+                "media without moving what the LLM says to text alone. Needs --use_peft. 0: off."})
     resume_without_optimizer_state: bool = field(default=False, metadata={
         "help": "Resume from a checkpoint that lacks the optimizer or scheduler state: they start afresh, so the run "
                 "will not end where an uninterrupted one would."})
