@@ -253,7 +253,8 @@ def lora_trainer(setup, tmp_path, base_kl_weight: float, rows, random_adapters: 
     processor = AutoProcessor.from_pretrained(setup["base"])
     args = AnyMALSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
                            base_kl_weight=base_kl_weight, **args)
-    trainer = sft_trainer(model, peft_config=lora_config(model, ModelConfig(lora_r=4, lora_dropout=0.0)), args=args, train_dataset=rows,
+    peft_config = lora_config(model, ModelConfig(lora_r=4, lora_dropout=0.0))
+    trainer = sft_trainer(model, peft_config=peft_config, args=args, train_dataset=rows,
                           data_collator=AnyMALDataCollator(processor, sampling_rates={"imu": 100}),
                           processing_class=processor)
     torch.manual_seed(0)
@@ -329,18 +330,21 @@ def test_training_with_base_kl_weight_keeps_text_answers_nearer_the_llm_without_
     assert drift[0.0] > 0.1 and drift[100.0] < drift[0.0] / 3
 
 
-def test_base_kl_weight_needs_lora_adapters(setup, tmp_path):
+def test_base_kl_weight_refuses_a_model_without_adapters_and_a_loss_it_cannot_add_to(setup, tmp_path):
     from datasets import load_from_disk
 
     from transformers_anymal import AnyMALDataCollator
     from transformers_anymal.training_anymal import AnyMALSFTConfig, sft_trainer
 
+    rows = load_from_disk(setup["data"])["train"]
     model = AutoModelForMultimodalLM.from_pretrained(setup["base"])
     processor = AutoProcessor.from_pretrained(setup["base"])
     args = AnyMALSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", base_kl_weight=1.0)
     with pytest.raises(ValueError, match="without its LoRA adapters, and this model has none: train with --use_peft"):
-        sft_trainer(model, args=args, train_dataset=load_from_disk(setup["data"])["train"],
-                    data_collator=AnyMALDataCollator(processor), processing_class=processor)
+        sft_trainer(model, args=args, train_dataset=rows, data_collator=AnyMALDataCollator(processor),
+                    processing_class=processor)
+    with pytest.raises(ValueError, match="adds to the plain cross-entropy.*drop those or set base_kl_weight to 0"):
+        lora_trainer(setup, tmp_path, 1.0, rows, label_smoothing_factor=0.1)
 
 
 def test_lora_target_modules_pick_the_language_models_layers_by_name():
