@@ -37,8 +37,7 @@ class AnyMALSFTTrainer(SFTTrainer):
         if not hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter"):
             raise ValueError("base_kl_weight compares the model with the same model without its LoRA adapters, and "
                              "this model has none: train with --use_peft, or set base_kl_weight to 0.")
-        if (self.args.loss_type != "nll" or self.label_smoother is not None or self.compute_loss_func is not None
-                or self.aux_loss_enabled):
+        if not self._plain_cross_entropy():
             raise ValueError("base_kl_weight adds to the plain cross-entropy (loss_type 'nll'), without label "
                              "smoothing, compute_loss_func or an auxiliary loss; drop those or set base_kl_weight to 0.")
 
@@ -72,9 +71,9 @@ class AnyMALSFTTrainer(SFTTrainer):
                  targets: torch.Tensor) -> torch.Tensor:
         """KL(untouched LLM || model), summed over the labelled positions `keep` of the text-only rows."""
         peft_model = self.accelerator.unwrap_model(model)
-        placeholders = torch.tensor([getattr(peft_model.config, f"{name}_token_id")
-                                     for name in peft_model.config.modalities], device=inputs["input_ids"].device)
-        text = ~torch.isin(inputs["input_ids"], placeholders).any(1)
+        anymal = peft_model.get_base_model().model
+        text = ~torch.stack([anymal.placeholder_positions(name, inputs["input_ids"], None).any(1)
+                             for name in anymal.config.modalities]).any(0)
         if not text.any():
             return logits.new_zeros(())
         mask = inputs.get("attention_mask")
@@ -89,5 +88,9 @@ class AnyMALSFTTrainer(SFTTrainer):
     def _compact_loss(self, model, inputs, return_outputs) -> bool:
         return (model.training and not return_outputs and inputs.get("labels") is not None
                 and (self.accelerator.device.type not in COMPACT_LOSS_DEVICES or self.base_kl_weight)
-                and self.args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None
+                and self._plain_cross_entropy())
+
+    def _plain_cross_entropy(self) -> bool:
+        """The training loss is TRL's plain token cross-entropy: no other loss type, smoothing or extra term."""
+        return (self.args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None
                 and not self.aux_loss_enabled)
