@@ -7,6 +7,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n <cores>` (.ci/run): each worker and its scripts on one core;
+    os.environ["OMP_NUM_THREADS"] = "1"       # more threads than cores make torch's parallel ops wait on each other
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("RUN_SLOW") == "1":
         return
