@@ -7,7 +7,8 @@
 latest.json holds the machine (CPU or GPU, threads, load average before and after), versions, every script's
 results and the headline ratios: ttft_ratio_vs_llava, decode_ratio_vs_bare_llm,
 stage1_cache_speedup and stage1_cache_ideal_speedup (images; `_video` for 8-frame clips), video_decode_speedup (8
-frames of a 10 s H.264 clip with a keyframe every 2 s, against `load_video`). Its "Latest run" section of
+frames of a 10 s H.264 clip with a keyframe every 2 s, against `load_video`), audio_features_speedup (CLAP log-mel
+of 10 s clips, batched against `ClapFeatureExtractor`). Its "Latest run" section of
 benchmarks/RESULTS.md is then rewritten from it (`render_results.py`); the dated notes below it are written by hand.
 """
 
@@ -25,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_audio_features  # noqa: E402
 import bench_inference  # noqa: E402
 import bench_processor  # noqa: E402
 import bench_training  # noqa: E402
@@ -63,12 +65,14 @@ def main():
         "processor": bench_processor.main(common + ["--output", str(ROOT / "processor.json")]),
         "video_decode": bench_video_decode.main([*(["--quick"] if args.quick else []),
                                                  "--output", str(ROOT / "video_decode.json")]),
+        "audio_features": bench_audio_features.main([*(["--quick"] if args.quick else []),
+                                                     "--output", str(ROOT / "audio_features.json")]),
     }
     headline = {key: results[part][key] for part, keys in (
         ("inference", ("ttft_ratio_vs_llava", "decode_ratio_vs_bare_llm")),
         ("training", ("stage1_cache_speedup", "stage1_cache_ideal_speedup", "stage1_cache_speedup_video",
                       "stage1_cache_ideal_speedup_video")),
-        ("video_decode", ("video_decode_speedup",))) for key in keys}
+        ("video_decode", ("video_decode_speedup",)), ("audio_features", ("audio_features_speedup",))) for key in keys}
     on_gpu = args.device.startswith("cuda")
     machine = {"name": torch.cuda.get_device_name() if on_gpu else cpu_name(), "threads": torch.get_num_threads(),
                "load_before": load_before, "load_after": os.getloadavg()[0]}

@@ -58,7 +58,7 @@ def test_help_of_the_inference_scripts_answers_before_importing_torch():
 
 def test_benchmarks_document_their_options():
     for script in ("run_all.py", "bench_inference.py", "bench_training.py", "bench_processor.py",
-                   "bench_feature_cache.py", "bench_video_decode.py", "bench_streaming.py"):
+                   "bench_feature_cache.py", "bench_video_decode.py", "bench_streaming.py", "bench_audio_features.py"):
         result = run_python(TINY.parents[1] / "benchmarks" / script, "--help", timeout=300)
         assert "--quick" in result.stdout and "--device" in result.stdout
 
@@ -91,6 +91,19 @@ def test_the_video_decoding_benchmark_compares_the_same_frames_on_every_encoding
         arm["speedup"] == arm["read_sampled_frames_clips_per_second"] / arm["load_video_clips_per_second"] > 0
         for arm in results["results"].values())
     assert results["video_decode_speedup"] == results["results"]["H.264, keyframe every 2 s"]["speedup"]
+
+
+def test_the_audio_features_benchmark_compares_the_same_features_both_ways(tmp_path):
+    import json
+
+    run_python(TINY.parents[1] / "benchmarks" / "bench_audio_features.py", "--quick", "--output", tmp_path / "out.json",
+               timeout=600)
+    results = json.loads((tmp_path / "out.json").read_text())
+    # it exits with an error when the features differ by 1e-4 dB or more; both rates are measured for both settings
+    assert len(results["results"]) == 2 and all(
+        arm["speedup"] == arm["batched_clips_per_second"] / arm["extractor_clips_per_second"] > 0
+        and arm["max_difference_db"] < 1e-4 for arm in results["results"].values())
+    assert results["audio_features_speedup"] == results["results"]["rand_trunc (the package's checkpoints)"]["speedup"]
 
 
 def test_results_md_shows_the_latest_run_as_rendered_from_latest_json(monkeypatch, tmp_path):

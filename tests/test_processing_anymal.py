@@ -170,6 +170,41 @@ def test_audio_is_resampled_to_the_feature_extractors_rate(processor):
         processor(text="<audio>", audio=waveform, return_tensors="pt")
 
 
+@pytest.mark.parametrize("settings", [{"truncation": "rand_trunc", "padding": "repeatpad"},  # the tiny checkpoint's
+                                      {"truncation": "fusion", "padding": "repeatpad"},  # CLAP's own
+                                      {"truncation": "fusion", "padding": "repeat"},
+                                      {"truncation": "rand_trunc", "padding": "pad"}])
+def test_audio_features_are_clap_feature_extractors_to_float32_precision(processor, settings, monkeypatch):
+    """The processor computes CLAP's log-mel batched over clips and frames, without calling the extractor (which
+    transforms one frame at a time), except for a clip it must crop at random."""
+    from transformers import ClapFeatureExtractor
+
+    extractor = ClapFeatureExtractor(sampling_rate=16_000, max_length_s=2, fft_window_size=400,
+                                     hop_length=160, frequency_max=8000, **settings)
+    fast = AnyMALProcessor(processor.image_processor, processor.video_processor, extractor,
+                           processor.imu_feature_extractor, processor.tokenizer, num_tokens=processor.num_tokens)
+    rng = np.random.default_rng(0)
+    clips = [0.3 * rng.standard_normal(length).astype(np.float32)
+             for length in (32_000, 20_000, 401, 3_333, *[5_000] * 9)]  # the window, shorter, one frame; 13 clips
+    clips[3][:] = 0  # silence: every band at the floor
+    expected = extractor(clips, sampling_rate=16_000, return_tensors="pt")["input_features"]
+    calls = []
+    monkeypatch.setattr(ClapFeatureExtractor, "__call__", lambda *args, _call=ClapFeatureExtractor.__call__, **kwargs:
+                        calls.append(1) or _call(*args, **kwargs))
+    features = fast(text="<audio>" * len(clips), audio=clips, sampling_rate=16_000, return_tensors="pt")["input_features"]
+    assert not calls
+    assert features.dtype == expected.dtype and features.shape == expected.shape
+    assert (features - expected).abs().max() < 1e-4
+    if settings["truncation"] == "fusion":  # a clip longer than the window: the extractor's random crops, as before
+        longer = [0.3 * rng.standard_normal(40_000).astype(np.float32)]
+        np.random.seed(0)
+        expected = extractor(longer, sampling_rate=16_000, return_tensors="pt")["input_features"]
+        np.random.seed(0)
+        assert torch.equal(fast(text="<audio>", audio=longer, sampling_rate=16_000, return_tensors="pt")["input_features"],
+                           expected)
+        assert calls
+
+
 def test_video_frames_are_sampled_uniformly_over_the_clip(processor, media):
     levels = list(range(0, 240, 12))  # frame i is gray level 12 * i; 20 frames at 10 fps
     frames = processor.video_processor(media["video"], do_normalize=False, do_rescale=False,

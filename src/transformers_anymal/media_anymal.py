@@ -16,6 +16,8 @@ from transformers.audio_utils import load_audio
 from transformers.image_utils import load_image
 from transformers.utils import logging
 
+from .audio_features_anymal import clap_log_mel
+
 
 logger = logging.get_logger(__name__)
 
@@ -240,6 +242,8 @@ class AudioKind(MediaKind):
     def preprocess(self, preprocessor, items, options):
         # read() resampled the waveforms to the feature extractor's rate
         options = {**options, "sampling_rate": preprocessor.sampling_rate, "return_tensors": "pt"}
+        if (batched := clap_log_mel(preprocessor, items, options)) is not None:
+            return batched
         features = preprocessor(items, **options)
         return features[preprocessor.model_input_names[0]]
 
