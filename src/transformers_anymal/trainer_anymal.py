@@ -18,10 +18,11 @@ class AnyMALSFTTrainer(SFTTrainer):
     media, and projecting them all through a 49k-row head made TRL's loss about a third of a CPU training step.
 
     The loss is the same: the summed cross-entropy of the labelled positions over their count (or the Trainer's
-    `num_items_in_batch`), scaled for data parallelism as TRL scales it. The positions kept are the union over the
-    batch's rows (a row's own unlabelled ones among them are ignored). Evaluation, other loss types, label
-    smoothing and `compute_loss_func` go through TRL's `compute_loss`, as does everything on CUDA and XPU. TRL's
-    `entropy` and `mean_token_accuracy` logs come from its own loss, so a compact step logs the loss alone.
+    `num_items_in_batch`), scaled for data parallelism as TRL scales it. Each row's own labelled positions reach the
+    head (`logits_to_keep` as a boolean mask, which transformers' `slice_logits_to_keep` takes), not their union over
+    the batch: rows whose answers start at different positions add no logits of each other's. Evaluation, other loss
+    types, label smoothing and `compute_loss_func` go through TRL's `compute_loss`, as does everything on CUDA and
+    XPU. TRL's `entropy` and `mean_token_accuracy` logs come from its own loss, so a compact step logs the loss alone.
 
     With `args.base_kl_weight` > 0 (a LoRA-tuned model), every training step takes this loss, on any device, plus
     that weight times the KL divergence from the model with its adapters disabled (the untouched LLM) to the model,
@@ -47,13 +48,12 @@ class AnyMALSFTTrainer(SFTTrainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         next_labels = functional.pad(labels[:, 1:], (0, 1), value=-100)  # position i predicts token i + 1
-        keep = (next_labels != -100).any(0).nonzero().squeeze(-1)
-        if keep.numel() == 0:  # no label in the batch: one position keeps the loss (zero) connected to the model
-            keep = keep.new_tensor([labels.shape[1] - 1])
-        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-        targets = next_labels[:, keep]
-        loss = functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                        reduction="sum")
+        keep = next_labels != -100  # (rows, positions)
+        if not keep.any():  # no label in the batch: one position keeps the loss (zero) connected to the model
+            keep[0, -1] = True
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (kept positions, vocabulary)
+        targets = next_labels[keep]
+        loss = functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
         if self.base_kl_weight:
             loss = loss + self.base_kl_weight * self._base_kl(model, inputs, keep, logits, targets)
         count = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
@@ -69,20 +69,20 @@ class AnyMALSFTTrainer(SFTTrainer):
 
     def _base_kl(self, model, inputs: dict, keep: torch.Tensor, logits: torch.Tensor,
                  targets: torch.Tensor) -> torch.Tensor:
-        """KL(untouched LLM || model), summed over the labelled positions `keep` of the text-only rows."""
+        """KL(untouched LLM || model), summed over the labelled positions (`keep`, a mask of the batch) of the
+        text-only rows; `logits` and `targets` are the model's at `keep`."""
         peft_model = self.accelerator.unwrap_model(model)
         anymal = peft_model.get_base_model().model
         text = ~torch.stack([anymal.placeholder_positions(name, inputs["input_ids"], None).any(1)
                              for name in anymal.config.modalities]).any(0)
-        if not text.any():
+        if not text.any() or (targets == -100).all():
             return logits.new_zeros(())
         mask = inputs.get("attention_mask")
         with torch.no_grad(), peft_model.disable_adapter():  # no DDP wrapper: nothing of this pass is trained
             base = peft_model(input_ids=inputs["input_ids"][text], attention_mask=None if mask is None else mask[text],
-                              use_cache=False, logits_to_keep=keep).logits
-        labelled = targets[text] != -100
-        base = base[labelled].float().log_softmax(-1)
-        tuned = logits[text][labelled].float().log_softmax(-1)
+                              use_cache=False, logits_to_keep=keep[text]).logits
+        base = base.float().log_softmax(-1)
+        tuned = logits[text[:, None].expand_as(keep)[keep]].float().log_softmax(-1)  # the text rows' positions
         return functional.kl_div(tuned, base, log_target=True, reduction="sum")
 
     def _compact_loss(self, model, inputs, return_outputs) -> bool:
