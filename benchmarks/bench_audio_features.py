@@ -11,7 +11,6 @@ interleaved rounds, on one core.
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from transformers import ClapFeatureExtractor
 
 from transformers_anymal.audio_features_anymal import clap_log_mel
 
-from common import interleaved_seconds, parse_args, print_table
+from common import interleaved_seconds, on_one_core, parse_args, print_table
 
 
 SETTINGS = {"fusion (CLAP's own)": {"truncation": "fusion"}, "rand_trunc (the package's checkpoints)": {"truncation": "rand_trunc"}}
@@ -45,11 +44,8 @@ def extract(extractor: ClapFeatureExtractor, batch: list[np.ndarray], options: d
 def main(argv=None) -> dict:
     args = parse_args(__doc__, "audio_features.json", argv)
     count, repeats = (4, 3) if args.quick else (16, 7)
-    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
-    os.sched_setaffinity(0, {min(cores)})
-    torch.set_num_threads(1)
     results, rows = {}, []
-    try:
+    with on_one_core():
         for name, settings in SETTINGS.items():
             extractor = ClapFeatureExtractor(**settings)
             rate = extractor.sampling_rate
@@ -65,9 +61,6 @@ def main(argv=None) -> dict:
             results[name] = {"extractor_clips_per_second": before, "batched_clips_per_second": after,
                              "speedup": after / before, "max_difference_db": difference}
             rows.append([name, f"{before:.1f}", f"{after:.1f}", f"{after / before:.2f}x", f"{difference:.1e}"])
-    finally:
-        os.sched_setaffinity(0, cores)
-        torch.set_num_threads(threads)
     print_table(f"CLAP log-mel of {count} clips (10, 7 and 3 s at 48 kHz), clips per second on one core "
                 f"(median of {repeats})", ["settings", "ClapFeatureExtractor", "batched", "speed-up", "max |diff| dB"],
                 rows)

@@ -13,7 +13,6 @@ the same frames, bit for bit; clips per second are medians of interleaved rounds
 
 import functools
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from transformers.video_utils import load_video
 from transformers_anymal import AnyMALVideoProcessor
 from transformers_anymal.video_processing_anymal import read_sampled_frames
 
-from common import interleaved_seconds, parse_args, print_table, write_clip
+from common import interleaved_seconds, on_one_core, parse_args, print_table, write_clip
 
 
 SECONDS, FPS, WIDTH, HEIGHT, SAMPLED = 10, 30, 640, 360, 8
@@ -38,8 +37,6 @@ ENCODINGS = {  # name: (codec, frames between keyframes, None for the encoder's 
 def main(argv=None) -> dict:
     args = parse_args(__doc__, "video_decode.json", argv)
     repeats = 3 if args.quick else 7
-    cores = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(cores)})  # one core, FFmpeg's decoding threads included
     processor = AnyMALVideoProcessor(num_frames=SAMPLED)
 
     def sample(metadata, **kwargs):
@@ -48,22 +45,19 @@ def main(argv=None) -> dict:
     readers = {"load_video (every frame up to the last sampled)": lambda path: load_video(path, sample_indices_fn=sample),
                "read_sampled_frames (keyframe seek, skips unreferenced frames)": lambda path: read_sampled_frames(path, sample)}
     results, rows = {}, []
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            for name, (codec, interval) in ENCODINGS.items():
-                path = write_clip(Path(folder) / f"{codec}-{interval}.mp4", SECONDS * FPS, WIDTH, HEIGHT, FPS, codec,
-                                  interval)
-                frames = [reader(path)[0] for reader in readers.values()]
-                if not np.array_equal(*frames):
-                    raise AssertionError(f"{name}: read_sampled_frames returned other frames than load_video")
-                seconds = interleaved_seconds({reader: functools.partial(read, path) for reader, read in readers.items()},
-                                              "cpu", repeats)
-                before, after = (1 / float(np.median(times)) for times in seconds.values())
-                results[name] = {"load_video_clips_per_second": before, "read_sampled_frames_clips_per_second": after,
-                                 "speedup": after / before}
-                rows.append([name, f"{before:.1f}", f"{after:.1f}", f"{after / before:.2f}x"])
-    finally:
-        os.sched_setaffinity(0, cores)
+    with on_one_core(), tempfile.TemporaryDirectory() as folder:  # FFmpeg's decoding threads on that core too
+        for name, (codec, interval) in ENCODINGS.items():
+            path = write_clip(Path(folder) / f"{codec}-{interval}.mp4", SECONDS * FPS, WIDTH, HEIGHT, FPS, codec,
+                              interval)
+            frames = [reader(path)[0] for reader in readers.values()]
+            if not np.array_equal(*frames):
+                raise AssertionError(f"{name}: read_sampled_frames returned other frames than load_video")
+            seconds = interleaved_seconds({reader: functools.partial(read, path) for reader, read in readers.items()},
+                                          "cpu", repeats)
+            before, after = (1 / float(np.median(times)) for times in seconds.values())
+            results[name] = {"load_video_clips_per_second": before, "read_sampled_frames_clips_per_second": after,
+                             "speedup": after / before}
+            rows.append([name, f"{before:.1f}", f"{after:.1f}", f"{after / before:.2f}x"])
     print_table(f"{SECONDS} s {WIDTH}x{HEIGHT} {FPS} fps clip -> {SAMPLED} frames, clips per second on one core "
                 f"(median of {repeats}; same frames from both)",
                 ["encoding", "load_video", "read_sampled_frames", "speed-up"], rows)

@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: model shapes, timing, peak memory and result tables."""
 
 import argparse
+import contextlib
 import ctypes
 import os
 import statistics
@@ -148,6 +149,20 @@ def build_models(size: str, device: str, dtype: torch.dtype, image_tokens: int =
     for model in (llava, bare):
         model.lm_head.load_state_dict(anymal.lm_head.state_dict())
     return anymal, llava, bare
+
+
+@contextlib.contextmanager
+def on_one_core():
+    """Runs the block on one core, with one torch thread (FFmpeg's and other native threads share that core too);
+    restores the cores and threads after it."""
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, {min(cores)})
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)
 
 
 def synchronize(device: str):

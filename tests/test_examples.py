@@ -63,12 +63,16 @@ def test_benchmarks_document_their_options():
         assert "--quick" in result.stdout and "--device" in result.stdout
 
 
-def test_the_streaming_benchmark_measures_every_modality_of_the_demo_data_both_ways(tmp_path):
+def quick_benchmark(script: str, tmp_path) -> dict:
+    """The JSON a benchmark script writes from a `--quick` run."""
     import json
 
-    run_python(TINY.parents[1] / "benchmarks" / "bench_streaming.py", "--quick", "--output", tmp_path / "out.json",
-               timeout=600)
-    results = json.loads((tmp_path / "out.json").read_text())
+    run_python(TINY.parents[1] / "benchmarks" / script, "--quick", "--output", tmp_path / "out.json", timeout=600)
+    return json.loads((tmp_path / "out.json").read_text())
+
+
+def test_the_streaming_benchmark_measures_every_modality_of_the_demo_data_both_ways(tmp_path):
+    results = quick_benchmark("bench_streaming.py", tmp_path)
     for modality in ("image", "video", "audio", "imu"):
         measured = results[modality]
         assert measured["streaming_vs_in_memory"] == pytest.approx(
@@ -81,11 +85,7 @@ def test_the_streaming_benchmark_measures_every_modality_of_the_demo_data_both_w
 
 
 def test_the_video_decoding_benchmark_compares_the_same_frames_on_every_encoding(tmp_path):
-    import json
-
-    run_python(TINY.parents[1] / "benchmarks" / "bench_video_decode.py", "--quick", "--output", tmp_path / "out.json",
-               timeout=600)
-    results = json.loads((tmp_path / "out.json").read_text())
+    results = quick_benchmark("bench_video_decode.py", tmp_path)
     # it exits with an error when the readers' frames differ; both rates are measured for every encoding
     assert len(results["results"]) == 4 and all(
         arm["speedup"] == arm["read_sampled_frames_clips_per_second"] / arm["load_video_clips_per_second"] > 0
@@ -94,11 +94,7 @@ def test_the_video_decoding_benchmark_compares_the_same_frames_on_every_encoding
 
 
 def test_the_audio_features_benchmark_compares_the_same_features_both_ways(tmp_path):
-    import json
-
-    run_python(TINY.parents[1] / "benchmarks" / "bench_audio_features.py", "--quick", "--output", tmp_path / "out.json",
-               timeout=600)
-    results = json.loads((tmp_path / "out.json").read_text())
+    results = quick_benchmark("bench_audio_features.py", tmp_path)
     # it exits with an error when the features differ by 1e-4 dB or more; both rates are measured for both settings
     assert len(results["results"]) == 2 and all(
         arm["speedup"] == arm["batched_clips_per_second"] / arm["extractor_clips_per_second"] > 0
