@@ -13,7 +13,6 @@ refusal says which check tripped.
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 from threading import Thread
 
@@ -49,8 +48,8 @@ def modality_of(path: str) -> str:
     raise ValueError(f"{Path(path).name}: {suffix or 'no suffix'} is not a file type this chat reads ({known}).")
 
 
-def imu_plot(path: str, extractor, size=(360, 120)) -> str:
-    """A PNG of the recording's channels, each scaled to its own range, for the chat to show; the channels are
+def imu_plot(path: str, extractor, size=(360, 120)) -> Image.Image:
+    """A picture of the recording's channels, each scaled to its own range, for the chat to show; the channels are
     found as the processor's IMU feature extractor finds them."""
     try:
         channels = extractor.time_major(load_imu(path)).T
@@ -64,9 +63,7 @@ def imu_plot(path: str, extractor, size=(360, 120)) -> str:
         ys = (channel - low) / (high - low or 1.0)
         xs = np.linspace(0, width - 1, len(channel))
         draw.line([(x, (1 - y) * (height - 1)) for x, y in zip(xs, ys)], fill=PLOT_COLORS[index % 6], width=1)
-    out = tempfile.NamedTemporaryFile(suffix=".png", delete=False)
-    image.save(out.name)
-    return out.name
+    return image
 
 
 def user_turn(text: str, files: list[str], imu_sampling_rate: float | None) -> tuple[dict, list[str]]:
@@ -89,9 +86,10 @@ def user_turn(text: str, files: list[str], imu_sampling_rate: float | None) -> t
 
 
 def shown_media(files: list[str], imu_extractor) -> list[dict]:
-    """Chatbot messages that show the attachments; IMU recordings as plots."""
-    return [{"role": "user", "content": {"path": imu_plot(path, imu_extractor) if modality_of(path) == "imu"
-                                         else path}} for path in files]
+    """Chatbot messages that show the attachments; IMU recordings as plots (images that Gradio keeps in its own
+    cache, as it does uploads)."""
+    return [{"role": "user", "content": gr.Image(imu_plot(path, imu_extractor), format="png") if modality_of(path) == "imu"
+             else {"path": path}} for path in files]
 
 
 def build_app(model, processor, max_new_tokens: int = 64, safety_checker=None) -> gr.Blocks:

@@ -3,8 +3,10 @@ Playwright), on a tiny random checkpoint."""
 
 import importlib.util
 import os
+import re
 import shutil
 import socket
+import tempfile
 
 import numpy as np
 import pytest
@@ -66,19 +68,33 @@ def media(tmp_path_factory):
     return folder
 
 
-def ask(url, text, files, imu_sampling_rate=100):
-    from gradio_client import Client, handle_file
+def client(url):
+    from gradio_client import Client
 
-    chat, _ = Client(url, verbose=False).predict(
+    return Client(url, verbose=False, download_files=False)  # the chat's files stay in the app's cache
+
+
+def ask(url, text, files, imu_sampling_rate=100):
+    from gradio_client import handle_file
+
+    chat, _ = client(url).predict(
         {"text": text, "files": [handle_file(str(path)) for path in files]}, [], imu_sampling_rate,
         api_name="/respond")
     return chat
 
 
-def test_an_image_and_an_imu_recording_get_a_streamed_answer_that_names_them(url, media):
-    from gradio_client import Client, handle_file
+def temporary_files() -> set[str]:
+    """What the app (a plot file per IMU recording) or its client (a folder per downloaded file) could leave
+    in the temporary directory."""
+    return {entry.name for entry in os.scandir(tempfile.gettempdir())
+            if entry.name.endswith(".png") or re.fullmatch("[0-9a-f]{40}", entry.name)}
 
-    job = Client(url, verbose=False).submit(
+
+def test_an_image_and_an_imu_recording_get_a_streamed_answer_that_names_them(url, media):
+    from gradio_client import handle_file
+
+    left_behind = temporary_files()
+    job = client(url).submit(
         {"text": "What is the person doing?", "files": [handle_file(str(media / "digit.png")),
                                                        handle_file(str(media / "walk.npy"))]},
         [], 100, api_name="/respond")
@@ -93,6 +109,11 @@ def test_an_image_and_an_imu_recording_get_a_streamed_answer_that_names_them(url
     assert reply.strip() and used == "image digit.png, imu walk.npy*"
     shown = [message for message in chat if message["role"] == "user"]
     assert len(shown) == 3  # the image, the IMU recording's plot, the question
+    [plot] = shown[1]["content"]
+    assert plot["component"] == "image"
+    with Image.open(plot["value"]["path"]) as image:  # a picture in Gradio's cache, as uploads are kept
+        assert image.size == (360, 120) and image.format == "PNG"
+    assert temporary_files() == left_behind  # no plot file of its own, no download folder, per question
 
 
 @pytest.mark.parametrize("file, message", [
@@ -123,10 +144,7 @@ def test_an_answer_the_output_check_flags_is_stopped_in_the_chat_and_not_kept(ch
     app = app_module.build_app(*checkpoint, max_new_tokens=4, safety_checker=flag_every_answer)
     url = serve(app)
     try:
-        from gradio_client import Client, handle_file
-
-        chat, _ = Client(url, verbose=False).predict(
-            {"text": "Which digit?", "files": [handle_file(str(media / "digit.png"))]}, [], 100, api_name="/respond")
+        chat = ask(url, "Which digit?", [media / "digit.png"])
     finally:
         app.close()
     answer = chat[-1]["content"]
