@@ -7,7 +7,9 @@ import re
 import shutil
 import socket
 import tempfile
+from pathlib import Path
 
+import gradio
 import numpy as np
 import pytest
 from PIL import Image
@@ -111,9 +113,13 @@ def test_an_image_and_an_imu_recording_get_a_streamed_answer_that_names_them(url
     assert len(shown) == 3  # the image, the IMU recording's plot, the question
     [plot] = shown[1]["content"]
     assert plot["component"] == "image"
-    with Image.open(plot["value"]["path"]) as image:  # a picture in Gradio's cache, as uploads are kept
+    assert Path(plot["value"]["path"]).is_relative_to(gradio.utils.get_upload_folder())  # where uploads are kept
+    with Image.open(plot["value"]["path"]) as image:
         assert image.size == (360, 120) and image.format == "PNG"
-    assert temporary_files() == left_behind  # no plot file of its own, no download folder, per question
+    assert not temporary_files() - left_behind  # no plot file of its own, no download folder, per question
+    # the next turn gets the chat back, plot included, and shows it again
+    chat, _ = client(url).predict({"text": "And now?", "files": []}, chat, 100, api_name="/respond")
+    assert [message["content"][0].get("component") for message in chat[:2]] == [None, "image"]
 
 
 @pytest.mark.parametrize("file, message", [
