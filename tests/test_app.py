@@ -116,6 +116,8 @@ def test_an_image_and_an_imu_recording_get_a_streamed_answer_that_names_them(url
     assert Path(plot["value"]["path"]).is_relative_to(gradio.utils.get_upload_folder())  # where uploads are kept
     with Image.open(plot["value"]["path"]) as image:
         assert image.size == (360, 120) and image.format == "PNG"
+        colours = {colour for _, colour in image.convert("RGB").getcolors(maxcolors=1 << 16)}
+        assert len(colours - {(255, 255, 255)}) >= 6  # the recording's six channels drawn, each in its colour
     assert not temporary_files() - left_behind  # no plot file of its own, no download folder, per question
     # the next turn gets the chat back, plot included, and shows it again
     chat, _ = client(url).predict({"text": "And now?", "files": []}, chat, 100, api_name="/respond")
