@@ -47,7 +47,7 @@ def gguf_path() -> Path:
 def convert_llm(output_dir: Path) -> bool:
     """Writes SmolLM2-135M-Instruct as a plain float32 checkpoint with its tokenizer to `output_dir`, unless an earlier
     run converted the same GGUF file there; returns whether it converted. It writes to `<output_dir>.partial` and
-renames that when done, so a conversion cut short is never taken for a finished one."""
+    renames that when done, so a conversion cut short is never taken for a finished one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     source = gguf_path()
