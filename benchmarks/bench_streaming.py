@@ -7,7 +7,8 @@ The data: captioned samples of each modality of the demo (examples/anymal_demo: 
 digits, BasicMotions IMU recordings), written as WebDataset shards (one shard set per modality, 4 shards) by
 `transformers_anymal.webdataset_anymal.write_webdataset`, as `examples/export_webdataset.py` does, and read with the
 recipes' `--streaming` path (`load_streaming_dataset`); in memory: the very same rows as the demo holds them (a
-`datasets.Dataset`, as `load_from_disk` gives it). The model: the demo's architecture, random weights. Input: a pass
+`datasets.Dataset`, as `load_from_disk` gives it). The model: the demo's encoders and projectors around a small
+language model, random weights. Input: a pass
 of a DataLoader whose workers decode and preprocess (AnyMALDataCollator) each batch, for both;
 `streaming_vs_in_memory` is streaming samples/s over in-memory samples/s (target >= 0.8). Stage 1: a pass of
 training steps of the modality's projector (forward, backward, AdamW) on the batches of that DataLoader, on the fly
@@ -35,7 +36,7 @@ from common import ROOT, interleaved_seconds, parse_args, print_table
 sys.path.insert(0, str(ROOT.parent / "examples"))
 import cache_features  # noqa: E402
 from anymal_demo.data import build_demo_dataset, load_media  # noqa: E402
-from anymal_demo.model import build_config, build_processor  # noqa: E402
+from anymal_demo.model import media_processor, tiny_anymal_config  # noqa: E402
 
 
 MODALITIES = ("image", "video", "audio", "imu")
@@ -96,10 +97,10 @@ def main(argv=None) -> dict:
     kinds = captions["kind"]
     picked = {name: [index for index, kind in enumerate(kinds) if kind == name][:count] for name in MODALITIES}
     recordings = np.concatenate([recording for recording, _ in media["imu"]["train"]], axis=1)
-    processor = build_processor(recordings.mean(1).tolist(), recordings.std(1).tolist())
+    processor = media_processor(recordings.mean(1).tolist(), recordings.std(1).tolist())
     collator = AnyMALDataCollator(processor)
     torch.manual_seed(0)
-    model = AnyMALForConditionalGeneration(build_config(processor))
+    model = AnyMALForConditionalGeneration(tiny_anymal_config())
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)

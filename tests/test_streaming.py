@@ -256,7 +256,7 @@ def demo(tmp_path_factory):
     sys.path.insert(0, str(EXAMPLES))
     import export_webdataset
     from anymal_demo.data import build_demo_dataset, load_media
-    from anymal_demo.model import build_config, build_processor
+    from anymal_demo.model import media_processor, tiny_anymal_config
 
     from transformers_anymal import AnyMALForConditionalGeneration
 
@@ -271,9 +271,9 @@ def demo(tmp_path_factory):
                             str(root / "shards"), "--samples_per_shard", "6"])
 
     recordings = np.concatenate([recording for recording, _ in media["imu"]["train"]], axis=1)
-    processor = build_processor(recordings.mean(1).tolist(), recordings.std(1).tolist())
+    processor = media_processor(recordings.mean(1).tolist(), recordings.std(1).tolist())
     torch.manual_seed(0)
-    AnyMALForConditionalGeneration(build_config(processor)).save_pretrained(root / "base")
+    AnyMALForConditionalGeneration(tiny_anymal_config()).save_pretrained(root / "base")
     processor.save_pretrained(root / "base")
     return {"base": str(root / "base"), "shards": str(root / "shards"), "rows": rows}
 

@@ -95,14 +95,19 @@ def load_media(seed: int = 0) -> dict:
     return media
 
 
-def build_demo_dataset(media: dict, seed: int = 0, videos_per_split: dict | None = None, audio_copies: int = 3,
-                       imu_copies: int = 16, captions_in_sft: float = 0.25) -> DatasetDict:
+def build_demo_dataset(media: dict, seed: int = 0, train_images: int | None = None,
+                       videos_per_split: dict | None = None, audio_copies: int = 3, imu_copies: int = 16,
+                       train_pairs: int | None = None, captions_in_sft: float = 0.25,
+                       direction_share: float = 0.5) -> DatasetDict:
     """The demo's DatasetDict from `load_media`'s recordings: `align`, `sft`, `test`, `test_captions` (see the
     module docstring).
 
-    The training splits see each spoken digit `audio_copies` times and `imu_copies` noisy shifted views of each
-    IMU recording, so the few recordings weigh about as much as the digits; `sft` also keeps a `captions_in_sft`
-    share of the captions, so instruction tuning does not unlearn describing.
+    The training splits caption and ask about `train_images` of the training digits (default: all; the pairs and
+    videos draw from all), see each spoken digit `audio_copies` times and `imu_copies` noisy shifted views of each
+    IMU recording, so the few recordings weigh about as much as the digits; `sft` asks about the direction in a
+    `direction_share` of the training videos (the digit in the rest; held out: half each), asks `train_pairs`
+    questions of each two-modality kind (default: one per training digit), and keeps a `captions_in_sft` share of the
+    captions, so instruction tuning does not unlearn describing.
     """
     from PIL import Image
 
@@ -118,7 +123,9 @@ def build_demo_dataset(media: dict, seed: int = 0, videos_per_split: dict | None
         captions = splits["align" if split == "train" else "test_captions"]
         questions = splits["sft" if split == "train" else "test"]
         images = [(Image.fromarray(card(pixels)), label) for pixels, label in media["image"][split]]
-        for image, label in images:
+        alone = images if split == "test" or train_images is None else [
+            images[index] for index in sorted(rng.permutation(len(images))[:train_images])]
+        for image, label in alone:
             captions.append(row("image", ["image"], CAPTION_PROMPTS["image"], f"a handwritten digit {DIGITS[label]}",
                                 images=[image]))
             questions.append(row("image", ["image"], pick(QUESTIONS["image"]), DIGITS[label], images=[image]))
@@ -128,7 +135,7 @@ def build_demo_dataset(media: dict, seed: int = 0, videos_per_split: dict | None
             clip = moving(pixels, direction)
             captions.append(row("video", ["video"], CAPTION_PROMPTS["video"],
                                 f"the digit {DIGITS[label]} moves {direction}", videos=[clip]))
-            asked = pick(list(QUESTIONS["video"]))
+            asked = "direction" if rng.random() < (direction_share if split == "train" else 0.5) else "digit"
             answer = DIGITS[label] if asked == "digit" else direction
             questions.append(row("video", ["video"], pick(QUESTIONS["video"][asked]), answer, videos=[clip]))
         for clip, label in media["audio"][split] * (audio_copies if split == "train" else 1):
@@ -144,19 +151,26 @@ def build_demo_dataset(media: dict, seed: int = 0, videos_per_split: dict | None
             questions.append(row("imu", ["imu"], pick(QUESTIONS["imu"]), label, imus=[recording]))
 
         # two modalities at once: balanced same/different digit pairs, and activity + digit
-        pairs = len(images) if split == "train" else 100
+        pairs = 100 if split == "test" else len(images) if train_pairs is None else train_pairs
         for index in range(pairs):
             image, label = images[rng.integers(len(images))]
             same = index % 2 == 0
-            spoken = [clip for clip, digit in media["audio"][split] if (digit == label) == same]
-            clip = spoken[rng.integers(len(spoken))]
-            questions.append(row("pair", ["image", "audio"], pick(QUESTIONS["same"]), "yes" if same else "no",
+            spoken = [(clip, digit) for clip, digit in media["audio"][split] if (digit == label) == same]
+            clip, said = spoken[rng.integers(len(spoken))]
+            questions.append(row("pair", ["image", "audio"], pick(QUESTIONS["same"]), same_answer(label, said),
                                  images=[image], audios=[clip]))
             recording, activity = recordings[rng.integers(len(recordings))]
             questions.append(row("pair", ["imu", "image"], pick(QUESTIONS["activity_digit"]),
                                  f"{activity}, {DIGITS[label]}", images=[image], imus=[recording.astype(np.float32)]))
     splits["sft"] += [caption for caption in splits["align"] if rng.random() < captions_in_sft]
     return DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()})
+
+
+def same_answer(shown: int, said: int) -> str:
+    """The answer to "is the spoken number the digit in the picture?": both digits, then the verdict, the way a
+    person would reason it out ("three and five, so no"); the verdict alone would ask the language model to
+    compare two digits it never wrote down."""
+    return f"{DIGITS[shown]} and {DIGITS[said]}, so {'yes' if shown == said else 'no'}"
 
 
 def chance(dataset: Dataset) -> dict[str, float]:
@@ -168,7 +182,8 @@ def chance(dataset: Dataset) -> dict[str, float]:
         if kind == "video":
             count = len(DIGITS) if question in QUESTIONS["video"]["digit"] else len(DIRECTIONS)
         elif kind == "pair":
-            count = 2 if question in QUESTIONS["same"] else len(ACTIVITIES) * len(DIGITS)
+            # "same": both digits named (the verdict follows from them); "activity_digit": activity and digit
+            count = len(DIGITS) ** 2 if question in QUESTIONS["same"] else len(ACTIVITIES) * len(DIGITS)
         else:
             count = options[kind]
         guesses.setdefault(kind, []).append(1 / count)

@@ -6,7 +6,8 @@ once as an ordinary float32 `LlamaForCausalLM` checkpoint with its tokenizer, wh
 takes as it would take Llama-2-chat.
 
 `KNOWLEDGE` holds general-knowledge questions that the untouched LLM answers right, to ask again after training:
-what it knew should still be there. `weights_digest` shows whether weights stayed bit for bit as they were.
+what it knew should still be there. `REHEARSAL` holds other plain questions whose answers, the untouched LLM's own,
+stage 2 trains on beside the media. `weights_digest` shows whether weights stayed bit for bit as they were.
 """
 
 import hashlib
@@ -33,6 +34,23 @@ KNOWLEDGE = [
     ("What is the opposite of hot?", "cold"),
     ("Which season comes after winter?", "spring"),
     ("What is the largest ocean on Earth?", "pacific"),
+]
+
+REHEARSAL = [
+    "What is the capital of Spain?", "What is the capital of Germany?", "What is the capital of Egypt?",
+    "What is the capital of Canada?", "Which animal is known as the king of the jungle?", "What do bees make?",
+    "What is the boiling point of water in Celsius?", "What is the tallest mountain in the world?",
+    "What is the largest planet in our solar system?", "What is the longest river in Africa?", "What is the freezing point of water?",
+    "How many continents are there?", "What is the smallest prime number?", "What is the opposite of up?",
+    "What is the opposite of big?", "What color are bananas?", "What color is grass?", "What do cows drink?",
+    "What is the main language spoken in Brazil?", "What is the currency of Japan?", "Who discovered gravity?",
+    "What is the closest star to Earth?", "What is the hardest natural substance?", "What do caterpillars become?",
+    "What instrument has black and white keys?", "What is the square root of 81?", "How many days are in a week?",
+    "How many hours are in a day?", "What is the plural of mouse?", "What is the past tense of run?",
+    "Name a fruit that is red.", "Name a vegetable that is orange.", "What is ice made of?",
+    "Where do penguins live?", "What organ pumps blood through the body?", "How many legs does a spider have?",
+    "What is the first letter of the English alphabet?", "What shape has three sides?", "What is two plus three?",
+    "Give me a word that rhymes with cat.", "What does a thermometer measure?", "Why do we need sleep?",
 ]
 
 

@@ -1,12 +1,11 @@
-"""The demo's tiny AnyMAL and the pretraining that stands in for the paper's pretrained parts.
+"""The demo's pretrained encoders, stand-ins for CLIP, CLAP and IMU2CLIP, and the settings AnyMAL is built with.
 
-The paper starts from a pretrained LLM (Llama-2-chat) and pretrained encoders (CLIP, CLAP, IMU2CLIP). At toy scale
-nothing pretrained fits on a 2-core machine, so the demo makes its own before stage 1:
-- the language model is trained on the text of the training chats (questions and answers, media left out), so it
-  knows the words and the format but not what any particular item shows;
-- each encoder is trained to tell its modality's training classes apart (digits, spoken digits, activities) through a
-  linear head that is then thrown away, as CLIP/CLAP/IMU2CLIP learn features from labelled pairs.
-Both are then frozen for good; only projectors (stage 1) and LoRA adapters plus projectors (stage 2) train after.
+No pretrained image, audio or IMU encoder fits a 2-core machine (and none ships in a wheel), so the demo trains its
+own before stage 1: each learns to tell its modality's training classes apart (digits and their place on the card,
+spoken digits, activities) through a linear head that is then thrown away, as CLIP, CLAP and IMU2CLIP learn features
+from labelled pairs. Each is saved as a checkpoint of its own, with its preprocessor, and `examples/build_anymal.py`
+puts them together with the language model (`llm.py`) as it puts CLIP, CLAP and Llama-2 together. Everything is
+frozen for good after; only projectors (stage 1) and LoRA adapters plus projectors (stage 2) train.
 """
 
 from pathlib import Path
@@ -16,18 +15,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
+    AutoConfig,
     AutoProcessor,
+    ClapAudioConfig,
+    ClapAudioModel,
     ClapFeatureExtractor,
     CLIPImageProcessor,
-    DataCollatorForLanguageModeling,
-    Trainer,
-    TrainingArguments,
+    CLIPVisionConfig,
+    CLIPVisionModel,
 )
 
 from transformers_anymal import (
     MODALITIES,
     AnyMALConfig,
-    AnyMALForConditionalGeneration,
+    AnyMALIMUConfig,
+    AnyMALIMUEncoder,
     AnyMALIMUFeatureExtractor,
     AnyMALProcessor,
     AnyMALVideoProcessor,
@@ -36,12 +38,16 @@ from transformers_anymal import (
 from .data import CARD, FRAMES, IMU_SAMPLING_RATE, augment, card
 
 
-TOKENIZER = Path(__file__).parents[2] / "hub_configs" / "anymal-tiny"  # its BPE vocabulary covers the demo's words
+TINY = Path(__file__).parents[2] / "hub_configs" / "anymal-tiny"
 IMU_RATE, IMU_WINDOW = 40, 400  # BasicMotions' 10 s, resampled from 10 Hz
+# LLM tokens per item: few, since every prompt token costs a pass through the 30-layer LLM in each training step
+NUM_TOKENS = {"image": 4, "video": 4, "audio": 2, "imu": 2}
 
 
-def build_processor(imu_mean: list[float], imu_std: list[float]) -> AnyMALProcessor:
-    tiny = AutoProcessor.from_pretrained(TOKENIZER)
+def media_processor(imu_mean: list[float], imu_std: list[float]) -> AnyMALProcessor:
+    """The encoders' preprocessing in an AnyMALProcessor, so that encoder pretraining reads items exactly as chats
+    will (its tokenizer, anymal-tiny's, only carries the placeholders). Each encoder's folder keeps its part."""
+    tiny = AutoProcessor.from_pretrained(TINY)
     square = {"size": {"shortest_edge": CARD}, "crop_size": {"height": CARD, "width": CARD}}
     return AnyMALProcessor(
         image_processor=CLIPImageProcessor(**square),
@@ -53,52 +59,59 @@ def build_processor(imu_mean: list[float], imu_std: list[float]) -> AnyMALProces
                                                         mean=imu_mean, std=imu_std),
         tokenizer=tiny.tokenizer,
         chat_template=tiny.chat_template,
-        num_tokens={"image": 8, "video": 8, "audio": 4, "imu": 4},
+        num_tokens=NUM_TOKENS,
     )
 
 
-def build_config(processor: AnyMALProcessor) -> AnyMALConfig:
-    tokenizer = processor.tokenizer
+def encoder_configs() -> dict:
+    """Small encoders of the paper's kinds: a CLIP vision tower, a CLAP audio tower, IMU2CLIP's."""
+    return {
+        "image": CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=CARD, patch_size=4),
+        "audio": ClapAudioConfig(hidden_size=64, patch_embeds_hidden_size=32, depths=[1, 1], num_attention_heads=[2, 4],
+                                 window_size=8, patch_size=8, patch_stride=[8, 8], spec_size=128, num_mel_bins=64),
+        "imu": AnyMALIMUConfig(hidden_size=64, conv_channels=32, sampling_rate=IMU_RATE, window_length=IMU_WINDOW),
+    }
+
+
+def build_encoders(seed: int) -> dict[str, nn.Module]:
+    """`encoder_configs`' encoders, randomly initialised."""
+    torch.manual_seed(seed)
+    classes = {"image": CLIPVisionModel, "audio": ClapAudioModel, "imu": AnyMALIMUEncoder}
+    return {name: classes[name](config) for name, config in encoder_configs().items()}
+
+
+def save_encoders(encoders: dict[str, nn.Module], processor: AnyMALProcessor, output_dir: Path) -> dict[str, Path]:
+    """Each encoder with its preprocessor in `<output_dir>/<modality>`, as build_anymal.py takes them."""
+    preprocessors = {"image": processor.image_processor, "audio": processor.feature_extractor,
+                     "imu": processor.imu_feature_extractor}
+    folders = {}
+    for name, encoder in encoders.items():
+        folders[name] = output_dir / name
+        encoder.save_pretrained(folders[name])
+        preprocessors[name].save_pretrained(folders[name])
+    return folders
+
+
+def anymal_settings() -> AnyMALConfig:
+    """What build_anymal.py's --config contributes: frames per clip, the resamplers' size (tokens per item go in
+    its --num_tokens)."""
+    return AnyMALConfig(num_frames=FRAMES, resampler_depth=2, resampler_num_heads=4,
+                        resampler_head_dim=16)
+
+
+def tiny_anymal_config() -> AnyMALConfig:
+    """The demo's encoders and settings around anymal-tiny's small random language model, whose tokenizer
+    `media_processor` has: the demo's architecture at the size of tests and benchmarks of its data pipeline."""
+    tiny, settings = AutoConfig.from_pretrained(TINY), anymal_settings()
     return AnyMALConfig(
-        text_config={
-            "model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-            "max_position_embeddings": 256, "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-        },
-        image_config={
-            "model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "image_size": CARD, "patch_size": 4,
-        },
-        audio_config={
-            "model_type": "clap_audio_model", "hidden_size": 64, "patch_embeds_hidden_size": 32, "depths": [1, 1],
-            "num_attention_heads": [2, 4], "window_size": 8, "patch_size": 8, "patch_stride": [8, 8],
-            "spec_size": 128, "num_mel_bins": 64,
-        },
-        imu_config={"hidden_size": 64, "conv_channels": 32, "sampling_rate": IMU_RATE, "window_length": IMU_WINDOW},
-        **{f"{name}_token_id": tokenizer.convert_tokens_to_ids(spec.token) for name, spec in MODALITIES.items()},
-        num_tokens=processor.num_tokens,
-        num_frames=FRAMES,
-        resampler_depth=2,
-        resampler_num_heads=4,
-        resampler_head_dim=16,
+        text_config=tiny.text_config,
+        **{f"{name}_config": config for name, config in encoder_configs().items()},
+        **{f"{name}_token_id": getattr(tiny, f"{name}_token_id") for name in MODALITIES},
+        num_tokens=NUM_TOKENS,
+        **{key: getattr(settings, key) for key in ("num_frames", "resampler_depth", "resampler_num_heads",
+                                                   "resampler_head_dim")},
     )
-
-
-def pretrain_language_model(model: AnyMALForConditionalGeneration, processor, texts: list[str], output_dir: str,
-                            epochs: int, seed: int):
-    """Next-token training of the language model alone on plain text, with transformers' Trainer."""
-    model.set_trainable(language_model=True, encoders=False, projectors=False)
-    tokenized = [processor.tokenizer(text) for text in texts]
-    trainer = Trainer(
-        model=model,
-        args=TrainingArguments(output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=32,
-                               learning_rate=3e-3, warmup_steps=20, lr_scheduler_type="cosine", logging_steps=25,
-                               save_strategy="no", report_to="none", seed=seed, use_cpu=not torch.cuda.is_available()),
-        train_dataset=tokenized,
-        data_collator=DataCollatorForLanguageModeling(processor.tokenizer, mlm=False),
-    )
-    trainer.train()
 
 
 def encoder_inputs(processor, name: str, items: list, **block) -> torch.Tensor:
@@ -108,16 +121,15 @@ def encoder_inputs(processor, name: str, items: list, **block) -> torch.Tensor:
     return inputs[MODALITIES[name].input_name]
 
 
-def pretrain_encoder(model: AnyMALForConditionalGeneration, name: str, inputs: dict[str, tuple], epochs: int,
-                     seed: int, learning_rate: float = 2e-3, batch_size: int = 32) -> float:
+def pretrain_encoder(encoder: nn.Module, name: str, inputs: dict[str, tuple], epochs: int, seed: int,
+                     learning_rate: float = 2e-3, batch_size: int = 32) -> float:
     """Trains `name`'s encoder with throw-away linear heads on `inputs["train"] = (values, labels)`, labels being
     `(items, tasks)` class indices (one head per task); returns the first head's accuracy on `inputs["test"]` (a
     linear probe of the features the projectors will read)."""
     torch.manual_seed(seed)
-    encoder = model.model.modality_encoder(name)
     values, labels = inputs["train"]
     with torch.no_grad():
-        width = pooled(model, name, values[:1]).shape[-1]
+        width = pooled(encoder, name, values[:1]).shape[-1]
     heads = nn.ModuleList(nn.Linear(width, int(task.max()) + 1) for task in labels.T)
     for parameter in encoder.parameters():
         parameter.requires_grad_(True)
@@ -128,7 +140,7 @@ def pretrain_encoder(model: AnyMALForConditionalGeneration, name: str, inputs: d
     with tqdm(total=steps, desc=f"pretraining the {name} encoder", unit="step") as progress:
         for _ in range(epochs):
             for batch in torch.randperm(len(labels)).split(batch_size):
-                features = pooled(model, name, values[batch])
+                features = pooled(encoder, name, values[batch])
                 loss = sum(nn.functional.cross_entropy(head(features), task) for head, task in zip(heads, labels[batch].T))
                 loss.backward()
                 optimizer.step(), schedule.step(), optimizer.zero_grad()
@@ -139,16 +151,18 @@ def pretrain_encoder(model: AnyMALForConditionalGeneration, name: str, inputs: d
         parameter.requires_grad_(False)
     values, labels = inputs["test"]
     with torch.no_grad():
-        return (heads[0](pooled(model, name, values)).argmax(-1) == labels[:, 0]).float().mean().item()
+        return (heads[0](pooled(encoder, name, values)).argmax(-1) == labels[:, 0]).float().mean().item()
 
 
-def pooled(model, name: str, values: torch.Tensor) -> torch.Tensor:
-    """The encoder's output averaged over everything but items and channels."""
-    features = model.model.get_encoder_features(name, values)
-    return features.mean(dim=tuple(range(1, features.ndim - 1))) if features.ndim > 2 else features
+def pooled(encoder: nn.Module, name: str, values: torch.Tensor) -> torch.Tensor:
+    """What `name`'s projector reads, averaged over the sequence when it reads one: `(items, hidden)`."""
+    outputs = encoder(values, return_dict=True)
+    if MODALITIES[name].projector == "perceiver":
+        return outputs.last_hidden_state.mean(1)
+    return outputs.pooler_output
 
 
-def pretrain_encoders(model, processor, media: dict, seed: int) -> dict[str, float]:
+def pretrain_encoders(encoders: dict[str, nn.Module], processor, media: dict, seed: int) -> dict[str, float]:
     """Each encoder learns its training classes; returns each linear probe's held-out accuracy."""
     rng = np.random.default_rng(seed)
 
@@ -172,7 +186,7 @@ def pretrain_encoders(model, processor, media: dict, seed: int) -> dict[str, flo
                           torch.tensor([[activities.index(label)] for _, label in items]))
                   for split, items in recordings.items()}
     return {
-        "image": pretrain_encoder(model, "image", image_inputs, epochs=14, seed=seed, batch_size=64),
-        "audio": pretrain_encoder(model, "audio", audio_inputs, epochs=30, seed=seed),
-        "imu": pretrain_encoder(model, "imu", imu_inputs, epochs=5, seed=seed, batch_size=16),
+        "image": pretrain_encoder(encoders["image"], "image", image_inputs, epochs=14, seed=seed, batch_size=64),
+        "audio": pretrain_encoder(encoders["audio"], "audio", audio_inputs, epochs=30, seed=seed),
+        "imu": pretrain_encoder(encoders["imu"], "imu", imu_inputs, epochs=5, seed=seed, batch_size=16),
     }
