@@ -26,7 +26,7 @@ def test_smollm2_converts_once_to_a_plain_checkpoint_that_answers_as_the_gguf_mo
     tokenizer = AutoTokenizer.from_pretrained(folder)
     template = chatml_chat_template([])  # what build_anymal.py gives SmolLM2 (no default system message)
 
-    answers = llm.answer(model, tokenizer, template, [question for question, _ in llm.KNOWLEDGE])
+    answers = llm.answer(model, tokenizer, template, llm.KNOWLEDGE_QUESTIONS)
     assert all(llm.knowledge_correct(answers)), list(zip(llm.KNOWLEDGE, answers))
     source = llm.gguf_path()
     gguf = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32).eval()

@@ -27,7 +27,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from .console import disk_usage, log_to, say, size
 from .data import CAPTION_PROMPTS, IMU_SAMPLING_RATE, build_demo_dataset, chance, load_media, row
-from .llm import KNOWLEDGE, REHEARSAL, answer, convert_llm, knowledge_correct, weights_digest
+from .llm import KNOWLEDGE, KNOWLEDGE_QUESTIONS, REHEARSAL, answer, convert_llm, knowledge_correct, weights_digest
 from .model import NUM_TOKENS, anymal_settings, build_encoders, media_processor, pretrain_encoders, save_encoders
 
 
@@ -207,8 +207,8 @@ def untouched_answers(out: Path) -> tuple[list[str], list[dict]]:
 
     llm = AutoModelForCausalLM.from_pretrained(out / "llm").eval()
     processor = AutoProcessor.from_pretrained(out / "base")
-    knowledge = answer(llm, processor.tokenizer, processor.chat_template, [question for question, _ in KNOWLEDGE])
-    print(f"the untouched LLM's answers: {dict(zip([question for question, _ in KNOWLEDGE], knowledge))}")
+    knowledge = answer(llm, processor.tokenizer, processor.chat_template, KNOWLEDGE_QUESTIONS)
+    print(f"the untouched LLM's answers: {dict(zip(KNOWLEDGE_QUESTIONS, knowledge))}")
     rehearsed = [first_sentence(text) for text in answer(llm, processor.tokenizer, processor.chat_template, REHEARSAL)]
     return knowledge, [row("text", [], question, reply) for question, reply in zip(REHEARSAL, rehearsed)]
 
@@ -223,7 +223,7 @@ def final_answers(checkpoint: Path) -> list[str]:
 
     model = AutoModelForMultimodalLM.from_pretrained(checkpoint).eval()
     processor = AutoProcessor.from_pretrained(checkpoint)
-    return answer(model, processor.tokenizer, processor.chat_template, [question for question, _ in KNOWLEDGE])
+    return answer(model, processor.tokenizer, processor.chat_template, KNOWLEDGE_QUESTIONS)
 
 
 def language_model_digest(checkpoint: Path) -> str:

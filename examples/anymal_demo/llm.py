@@ -35,6 +35,7 @@ KNOWLEDGE = [
     ("Which season comes after winter?", "spring"),
     ("What is the largest ocean on Earth?", "pacific"),
 ]
+KNOWLEDGE_QUESTIONS = [question for question, _ in KNOWLEDGE]
 
 REHEARSAL = [
     "What is the capital of Spain?", "What is the capital of Germany?", "What is the capital of Egypt?",
