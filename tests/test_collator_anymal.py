@@ -37,6 +37,19 @@ def test_labels_are_the_answers_only(collator, dataset):
     assert (batch["attention_mask"][:, 0] == 1).all(), "training batches are padded on the right"
 
 
+def test_sequence_length_is_the_rows_unpadded_length_in_a_batch(collator, dataset):
+    rows = [dataset[i] for i in range(4)] + [
+        {"prompt": [{"role": "user", "content": [{"type": "imu", "imu": np.zeros((6, 300)), "sampling_rate": 50},
+                                                 {"type": "text", "text": "Doing what, over these three seconds?"}]}],
+         "completion": [{"role": "assistant", "content": "walking"}]}]
+    batch = collator(rows)
+    lengths = [collator.sequence_length(row) for row in rows]
+    assert lengths == batch["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) == len(rows)  # each placeholder's run and each word counted, not a per-row constant
+    # from the chat alone: a row whose media cannot be read still has its length
+    assert collator.sequence_length({**rows[0], "images": ["/no/such/file.jpg"]}) == lengths[0]
+
+
 def test_prompt_completion_rows_and_inline_items(collator):
     row = {"prompt": [{"role": "user", "content": [
                {"type": "imu", "imu": np.random.randn(6, 300), "sampling_rate": 50},

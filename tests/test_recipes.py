@@ -241,6 +241,34 @@ def test_cpu_training_loss_projects_only_labelled_positions_and_equals_trls(setu
         torch.testing.assert_close(grad, trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_group_by_length_batches_chat_rows_of_like_length(setup, tmp_path):
+    """`--train_sampling_strategy group_by_length` works on chat rows, which have no `input_ids` for the Trainer to
+    measure: the recipes give it each row's token count, and its batches carry less padding than random ones."""
+    from datasets import load_from_disk
+
+    from transformers_anymal import AnyMALDataCollator
+    from transformers_anymal.training_anymal import AnyMALSFTConfig, sft_trainer
+
+    model = AutoModelForMultimodalLM.from_pretrained(setup["base"])
+    processor = AutoProcessor.from_pretrained(setup["base"])
+    collator = AnyMALDataCollator(processor, sampling_rates={"imu": 100})
+    rows = load_from_disk(make_chat_dataset(tmp_path / "data", rows=64))["train"]
+
+    def padded_and_real_tokens(strategy: str) -> tuple[int, int]:
+        args = AnyMALSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", seed=0,
+                               per_device_train_batch_size=4, train_sampling_strategy=strategy)
+        trainer = sft_trainer(model, args=args, data_collator=collator, train_dataset=rows, processing_class=processor)
+        masks = [batch["attention_mask"] for batch in trainer.get_train_dataloader()]
+        assert sum(len(mask) for mask in masks) == len(rows)
+        if strategy == "group_by_length":
+            assert trainer.train_dataset["length"] == [collator.sequence_length(row) for row in rows]
+        return sum(mask.numel() for mask in masks), sum(mask.sum().item() for mask in masks)
+
+    grouped, real = padded_and_real_tokens("group_by_length")
+    shuffled, same_real = padded_and_real_tokens("random")
+    assert real == same_real and real <= grouped < shuffled
+
+
 def lora_trainer(setup, tmp_path, base_kl_weight: float, rows, random_adapters: bool = True, **args):
     """A LoRA AnyMALSFTTrainer of the tiny model on `rows`; with `random_adapters`, the adapters' B matrices random
     (not zero, as LoRA starts), so the tuned model answers otherwise than the model without adapters."""

@@ -71,6 +71,14 @@ class AnyMALDataCollator:
         """The row's chat with every media block holding its item; checks blocks against the media columns."""
         return chat_of_row(row, self.processor.modalities, self.sampling_rates, index, decode)
 
+    def sequence_length(self, row: dict, index: int = 0) -> int:
+        """The tokens the row takes in a batch before padding, each placeholder's run counted in full, from its chat
+        alone: no media is read or decoded. What `--train_sampling_strategy group_by_length` groups rows by."""
+        text = self.processor.apply_chat_template(row_messages(row, index), tokenize=False)
+        runs = {getattr(self.processor, f"{name}_token_id"): self.processor.num_tokens[name]
+                for name in self.processor.modalities}
+        return sum(runs.get(token, 1) for token in self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def check_dataset(self, dataset, modalities: list[str], name: str = "dataset"):
         """Fails before training, naming the row and column, where a row's media blocks and media columns disagree,
         a row lacks a sampling rate, or a row uses a modality the model lacks. Media are not decoded."""
@@ -91,12 +99,7 @@ def chat_of_row(row: dict, modalities: list[str], sampling_rates: dict[str, int]
     inline or from the row's media columns (`media_columns`); blocks of recordings whose files do not say their rate
     get it from the block, the row's `<modality>_sampling_rate` or `sampling_rates`. Checks blocks against the media
     columns."""
-    if "messages" in row:
-        messages = row["messages"]
-    elif "prompt" in row and "completion" in row:
-        messages = list(row["prompt"]) + list(row["completion"])
-    else:
-        raise ValueError(f"row {index}: no `messages` (or `prompt` + `completion`) column; got {sorted(row)}.")
+    messages = row_messages(row, index)
     served = modalities  # a column named like another registered modality is no media here
     columns = {name: next((column for column in media_columns(name) if row.get(column) is not None), None)
                for name in served}
@@ -128,6 +131,15 @@ def chat_of_row(row: dict, modalities: list[str], sampling_rates: dict[str, int]
                 f"bare {{'type': '{name}'}} blocks; add a block where each item belongs."
             )
     return chat
+
+
+def row_messages(row: dict, index: int = 0) -> list:
+    """The row's messages as they stand: its `messages`, or its `prompt` followed by its `completion`."""
+    if "messages" in row:
+        return row["messages"]
+    if "prompt" in row and "completion" in row:
+        return list(row["prompt"]) + list(row["completion"])
+    raise ValueError(f"row {index}: no `messages` (or `prompt` + `completion`) column; got {sorted(row)}.")
 
 
 def bare_chat(chat: list[dict]) -> list[dict]:

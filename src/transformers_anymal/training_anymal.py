@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from datasets import IterableDataset, load_from_disk
+from datasets import Dataset, IterableDataset, load_from_disk
 from peft import LNTuningConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoModelForMultimodalLM, AutoProcessor
 from transformers.trainer_utils import sort_checkpoints
 from transformers.utils import logging
@@ -145,6 +146,9 @@ def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, stream_
     the projectors: a resampler latent near 1.0 has a bf16 step of 0.0078, so Adam updates of about the learning
     rate (2e-4) round away. The PEFT model is built here and its trainable weights restored after TRL's cast.
     """
+    for split in ("train_dataset", "eval_dataset"):
+        if split in kwargs:
+            kwargs[split] = with_sequence_lengths(kwargs[split], kwargs.get("data_collator"), kwargs.get("args"))
     trainer_class = AnyMALSFTTrainer
     if isinstance(kwargs.get("train_dataset"), IterableDataset):  # TRL turns accelerate's dispatch_batches off
         trainer_class = partial(StreamingSFTTrainer, on_error=stream_errors)
@@ -159,6 +163,22 @@ def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, stream_
         if name in loaded and parameter.dtype != loaded[name].dtype:
             parameter.data = loaded[name].to(parameter.device)
     return trainer
+
+
+def with_sequence_lengths(dataset, collator, args):
+    """`dataset` with each row's token count (`AnyMALDataCollator.sequence_length`) in `args.length_column_name`,
+    where `args.train_sampling_strategy` groups batches by length (`group_by_length`, `batch_rebalance`): the
+    Trainer's samplers read that column, and without it look for `input_ids`, which chat rows do not have. Batches
+    of rows of like length carry less padding. A column already there is kept; streamed datasets are not sampled."""
+    if (getattr(args, "train_sampling_strategy", "random") not in ("group_by_length", "batch_rebalance")
+            or not isinstance(dataset, Dataset) or args.length_column_name in dataset.column_names
+            or collator is None):
+        return dataset
+    chats = dataset.select_columns([name for name in ("messages", "prompt", "completion") if name in dataset.column_names])
+    lengths = [collator.sequence_length(row, index) for index, row in enumerate(tqdm(
+        chats, desc=f"Counting the tokens of each row ({args.train_sampling_strategy})",
+        disable=not PartialState().is_local_main_process))]
+    return dataset.add_column(args.length_column_name, lengths)
 
 
 def train(trainer, training_args) -> None:
