@@ -10,6 +10,7 @@ BasicMotions' own test recordings. Stage 1 reads the `align` split (captions), s
 some over two modalities at once), evaluation the `test` (questions) and `test_captions` splits.
 """
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -186,5 +187,6 @@ def chance(dataset: Dataset) -> dict[str, float]:
             count = len(DIGITS) ** 2 if question in QUESTIONS["same"] else len(ACTIVITIES) * len(DIGITS)
         else:
             count = options[kind]
-        guesses.setdefault(kind, []).append(1 / count)
-    return {kind: float(np.mean(values)) for kind, values in guesses.items()}
+        guesses.setdefault(kind, []).append(Fraction(1, count))
+    # exact, then rounded once: a mean of floats gives 0.10000000000000003 for ten-way questions
+    return {kind: float(sum(values) / len(values)) for kind, values in guesses.items()}
