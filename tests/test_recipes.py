@@ -241,9 +241,11 @@ def test_cpu_training_loss_projects_only_labelled_positions_and_equals_trls(setu
         torch.testing.assert_close(grad, trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_group_by_length_batches_chat_rows_of_like_length(setup, tmp_path):
-    """`--train_sampling_strategy group_by_length` works on chat rows, which have no `input_ids` for the Trainer to
-    measure: the recipes give it each row's token count, and its batches carry less padding than random ones."""
+@pytest.mark.parametrize("strategy, batch_size, accumulation", [("group_by_length", 4, 1), ("batch_rebalance", 2, 2)])
+def test_length_sampling_batches_chat_rows_of_like_length(setup, tmp_path, strategy, batch_size, accumulation):
+    """`--train_sampling_strategy group_by_length` and `batch_rebalance` work on chat rows, which have no `input_ids`
+    for the Trainer to measure: the recipes give it each row's token count, and its batches carry less padding than
+    random ones. Evaluation datasets, one or several, get the count too."""
     from datasets import load_from_disk
 
     from transformers_anymal import AnyMALDataCollator
@@ -256,17 +258,23 @@ def test_group_by_length_batches_chat_rows_of_like_length(setup, tmp_path):
 
     def padded_and_real_tokens(strategy: str) -> tuple[int, int]:
         args = AnyMALSFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", seed=0,
-                               per_device_train_batch_size=4, train_sampling_strategy=strategy)
-        trainer = sft_trainer(model, args=args, data_collator=collator, train_dataset=rows, processing_class=processor)
+                               per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                               train_sampling_strategy=strategy)
+        trainer = sft_trainer(model, args=args, data_collator=collator, train_dataset=rows, processing_class=processor,
+                              eval_dataset={"a": rows.select(range(8)), "b": rows.select(range(8, 12))})
         masks = [batch["attention_mask"] for batch in trainer.get_train_dataloader()]
         assert sum(len(mask) for mask in masks) == len(rows)
-        if strategy == "group_by_length":
-            assert trainer.train_dataset["length"] == [collator.sequence_length(row) for row in rows]
+        if strategy != "random":
+            lengths = [collator.sequence_length(row) for row in rows]
+            assert trainer.train_dataset["length"] == lengths
+            for name in ("a", "b"):  # the Trainer's evaluation sampler groups by length too
+                assert sum(len(batch["input_ids"]) for batch in trainer.get_eval_dataloader(name)) == (
+                    8 if name == "a" else 4)
         return sum(mask.numel() for mask in masks), sum(mask.sum().item() for mask in masks)
 
-    grouped, real = padded_and_real_tokens("group_by_length")
+    grouped, real = padded_and_real_tokens(strategy)
     shuffled, same_real = padded_and_real_tokens("random")
-    assert real == same_real and real <= grouped < shuffled
+    assert real == same_real and grouped < shuffled
 
 
 def lora_trainer(setup, tmp_path, base_kl_weight: float, rows, random_adapters: bool = True, **args):

@@ -75,9 +75,12 @@ class AnyMALDataCollator:
         """The tokens the row takes in a batch before padding, each placeholder's run counted in full, from its chat
         alone: no media is read or decoded. What `--train_sampling_strategy group_by_length` groups rows by."""
         text = self.processor.apply_chat_template(row_messages(row, index), tokenize=False)
+        tokenizer = self.processor.tokenizer
+        # as the processor tokenizes a rendered chat: the tokenizer's own special tokens unless the text has its BOS
+        bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
         runs = {getattr(self.processor, f"{name}_token_id"): self.processor.num_tokens[name]
                 for name in self.processor.modalities}
-        return sum(runs.get(token, 1) for token in self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return sum(runs.get(token, 1) for token in tokenizer(text, add_special_tokens=not bos)["input_ids"])
 
     def check_dataset(self, dataset, modalities: list[str], name: str = "dataset"):
         """Fails before training, naming the row and column, where a row's media blocks and media columns disagree,

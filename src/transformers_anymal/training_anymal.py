@@ -146,9 +146,15 @@ def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, stream_
     the projectors: a resampler latent near 1.0 has a bf16 step of 0.0078, so Adam updates of about the learning
     rate (2e-4) round away. The PEFT model is built here and its trainable weights restored after TRL's cast.
     """
-    for split in ("train_dataset", "eval_dataset"):
-        if split in kwargs:
-            kwargs[split] = with_sequence_lengths(kwargs[split], kwargs.get("data_collator"), kwargs.get("args"))
+    args, collator = kwargs.get("args"), kwargs.get("data_collator")
+    strategy = getattr(args, "train_sampling_strategy", "random")
+    if strategy in ("group_by_length", "batch_rebalance") and kwargs.get("train_dataset") is not None:
+        kwargs["train_dataset"] = with_sequence_lengths(kwargs["train_dataset"], collator, args.length_column_name)
+    if strategy == "group_by_length" and kwargs.get("eval_dataset") is not None:  # the Trainer's eval sampler too
+        evaluated = kwargs["eval_dataset"]
+        kwargs["eval_dataset"] = ({name: with_sequence_lengths(rows, collator, args.length_column_name)
+                                   for name, rows in evaluated.items()} if isinstance(evaluated, dict)
+                                  else with_sequence_lengths(evaluated, collator, args.length_column_name))
     trainer_class = AnyMALSFTTrainer
     if isinstance(kwargs.get("train_dataset"), IterableDataset):  # TRL turns accelerate's dispatch_batches off
         trainer_class = partial(StreamingSFTTrainer, on_error=stream_errors)
@@ -165,20 +171,23 @@ def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, stream_
     return trainer
 
 
-def with_sequence_lengths(dataset, collator, args):
-    """`dataset` with each row's token count (`AnyMALDataCollator.sequence_length`) in `args.length_column_name`,
-    where `args.train_sampling_strategy` groups batches by length (`group_by_length`, `batch_rebalance`): the
-    Trainer's samplers read that column, and without it look for `input_ids`, which chat rows do not have. Batches
-    of rows of like length carry less padding. A column already there is kept; streamed datasets are not sampled."""
-    if (getattr(args, "train_sampling_strategy", "random") not in ("group_by_length", "batch_rebalance")
-            or not isinstance(dataset, Dataset) or args.length_column_name in dataset.column_names
-            or collator is None):
+def with_sequence_lengths(dataset, collator, column: str = "length"):
+    """`dataset` with each row's token count (`AnyMALDataCollator.sequence_length`) in `column`, for the Trainer's
+    length samplers (`--train_sampling_strategy group_by_length` or `batch_rebalance`), which read that column and
+    without it look for `input_ids`, which chat rows do not have. Batches of rows of like length carry less padding.
+    Returned as it is: a dataset that has the column already, has no chats (`messages`, or `prompt` + `completion`),
+    is streamed, or goes to a collator that cannot count. A dataset with an indices mapping (after `shuffle`,
+    `select`, `filter`) is written out anew, as `Dataset.add_column` does."""
+    if not isinstance(dataset, Dataset) or column in dataset.column_names or not hasattr(collator, "sequence_length"):
         return dataset
-    chats = dataset.select_columns([name for name in ("messages", "prompt", "completion") if name in dataset.column_names])
+    chats = next((names for names in (["messages"], ["prompt", "completion"])
+                  if set(names) <= set(dataset.column_names)), None)
+    if chats is None:
+        return dataset
     lengths = [collator.sequence_length(row, index) for index, row in enumerate(tqdm(
-        chats, desc=f"Counting the tokens of each row ({args.train_sampling_strategy})",
+        dataset.select_columns(chats), desc="Counting the tokens of each row (grouping batches by length)",
         disable=not PartialState().is_local_main_process))]
-    return dataset.add_column(args.length_column_name, lengths)
+    return dataset.add_column(column, lengths)
 
 
 def train(trainer, training_args) -> None:
