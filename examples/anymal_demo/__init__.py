@@ -171,7 +171,7 @@ def run_steps(out: Path, seed: int) -> dict:
         "step_seconds": {name: round(end - begin) for name, begin, end in zip(seconds, marks, marks[1:])},
         "seconds": round(time.time() - start),
     }
-    known = [item for item in report["knowledge"] if item["correct_before"]]
+    known = known_answers(report)
     report["knowledge_kept"] = bool(known) and all(item["correct_after"] for item in known)
     report["language_model_unchanged_by_stage_1"] = digests["base"] == digests["aligned"]
     report["passed"] = (report["knowledge_kept"] and report["language_model_unchanged_by_stage_1"]
@@ -180,6 +180,11 @@ def run_steps(out: Path, seed: int) -> dict:
                                 for kind in KINDS))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def known_answers(report: dict) -> list[dict]:
+    """The plain questions the untouched LLM answered right: the answers training must keep."""
+    return [item for item in report["knowledge"] if item["correct_before"]]
 
 
 def at_chance(accuracy: float, chance: float) -> bool:
@@ -245,7 +250,7 @@ def table(report: dict) -> str:
         rows.append(f"{KIND_LABELS.get(kind, kind):15} {report['heldout_accuracy'][kind]:9.3f} {TARGETS[kind]:7.2f} "
                     f"{report['ablation_accuracy'][kind]:7.3f} {report['chance'][kind]:7.3f} "
                     f"{'-' if cider is None else f'{cider:.3f}':>8} {report['heldout_count'][kind]:6d}")
-    known = [item for item in report["knowledge"] if item["correct_before"]]
+    known = known_answers(report)
     kept = sum(item["correct_after"] for item in known)
     rows.append(f"\nplain questions the untouched LLM answers right ({len(known)} of {len(report['knowledge'])}), "
                 f"still right after training: {kept} of {len(known)}")
