@@ -42,13 +42,26 @@ def render(latest: dict) -> str:
     training = results["training"]
     lines += [f"Stage 1, {training['size']} shapes: on the fly (media decoded from files) against cached features "
               "read from disk and the same features in memory (ideal), interleaved:", ""]
-    lines += table(["media", "on the fly /s", "cached /s", "ideal /s", "speed-up", "ideal", "recovered"], [
+    stage1 = {kind: row for kind, row in training["results"].items() if kind != "stage2"}
+    counted = all("cached_flops" in row for row in stage1.values())
+    lines += table(["media", "on the fly /s", "cached /s", "ideal /s", "speed-up", "ideal", "recovered",
+                    *(["TFLOP/s fly/cached", "MFU fly/cached"] if counted else [])], [
         [kind, f"{row['on_the_fly_samples_per_s']:.2f}", f"{row['cached_samples_per_s']:.2f}",
          f"{row['ideal_samples_per_s']:.2f}", f"{row['speedup']:.2f}×", f"{row['ideal_speedup']:.2f}×",
-         f"{row['speedup'] / row['ideal_speedup']:.0%}"] for kind, row in training["results"].items() if kind != "stage2"])
+         f"{row['speedup'] / row['ideal_speedup']:.0%}",
+         *([f"{row['on_the_fly_flops']['tflops_per_s']:.3f}/{row['cached_flops']['tflops_per_s']:.3f}",
+            f"{mfu(row['on_the_fly_flops'])}/{mfu(row['cached_flops'])}"] if counted else [])]
+        for kind, row in stage1.items()])
+    stage2 = training["results"]["stage2"]
     lines += ["Stage 2, LoRA against QLoRA (4-bit NF4 language model):", ""]
-    lines += table(["stage 2", "samples/s", "peak MB"], [[name, f"{row['samples_per_s']:.2f}", f"{row['peak_mb']:.0f}"]
-                                                        for name, row in training["results"]["stage2"].items()])
+    lines += table(["stage 2", "samples/s", "peak MB", *(["TFLOP/s", "MFU"] if counted else [])], [
+        [name, f"{row['samples_per_s']:.2f}", f"{row['peak_mb']:.0f}",
+         *([f"{row['tflops_per_s']:.3f}", mfu(row)] if counted else [])] for name, row in stage2.items()])
+    if counted:
+        peak = training["peak_tflops"]
+        lines += [f"Training in {training['dtype']}. TFLOP/s: the matmul and attention FLOPs a step executes, forward "
+                  "and backward, per second; MFU: that over the device's peak ("
+                  + (f"{peak} TFLOP/s)." if peak else "none given or known for this device: `--peak_tflops`)."), ""]
     processor = results["processor"]
     lines += ["Items per second the processor prepares against those the model encodes and projects:", ""]
     lines += table(["modality", "processor items/s", "model items/s", "ratio"], [
@@ -67,6 +80,10 @@ def render(latest: dict) -> str:
     headline = [[key, f"{latest[key]:.3f}"] for key in latest["headline"]]
     lines += ["Headline ratios:", "", *table(["ratio", "value"], headline)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def mfu(rate: dict) -> str:
+    return "-" if rate["mfu"] is None else f"{rate['mfu']:.1%}"
 
 
 def write(latest: dict, results_md: Path = ROOT / "RESULTS.md"):

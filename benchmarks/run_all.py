@@ -52,6 +52,8 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--size", choices=SIZES, help="model shapes of the inference benchmark")
     parser.add_argument("--dtype", choices=DTYPES, help="precision (default: bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--peak_tflops", type=float, help="the device's peak TFLOP/s in that precision, for the "
+                        "training benchmark's MFU (known: H100, H200, A100 in bfloat16)")
     parser.add_argument("--output", default=str(ROOT / "latest.json"), help="where to write the combined JSON")
     parser.add_argument("--results_md", default=str(ROOT / "RESULTS.md"),
                         help="the Markdown file whose latest-run section is rewritten from it")
@@ -61,7 +63,8 @@ def main():
     inference = ["--size", args.size] if args.size else []
     results = {
         "inference": bench_inference.main(common + inference + ["--output", str(ROOT / "inference.json")]),
-        "training": bench_training.main(common + ["--output", str(ROOT / "training.json")]),
+        "training": bench_training.main(common + ["--output", str(ROOT / "training.json")]
+                                        + (["--peak_tflops", str(args.peak_tflops)] if args.peak_tflops else [])),
         "processor": bench_processor.main(common + ["--output", str(ROOT / "processor.json")]),
         "video_decode": bench_video_decode.main([*(["--quick"] if args.quick else []),
                                                  "--output", str(ROOT / "video_decode.json")]),

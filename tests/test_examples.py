@@ -63,6 +63,41 @@ def test_benchmarks_document_their_options():
         assert "--quick" in result.stdout and "--device" in result.stdout
 
 
+def test_the_training_benchmark_steps_in_the_dtype_asked_and_counts_the_flops_it_executes(monkeypatch):
+    """`bench_training.py --dtype bfloat16` (a GPU's default) trains in bfloat16 and reports FLOPs, their rate, and MFU
+    against the peak given or known for the GPU."""
+    import numpy as np
+    import torch
+    from transformers import AutoProcessor
+
+    from transformers_anymal import AnyMALDataCollator
+
+    from anymal_tester import tiny_model
+
+    monkeypatch.syspath_prepend(str(TINY.parents[1] / "benchmarks"))
+    import bench_training
+
+    model = tiny_model().train().to(torch.bfloat16)
+    model.set_trainable(projectors=["image"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    collator = AnyMALDataCollator(AutoProcessor.from_pretrained(TINY))
+    rows = bench_training.image_rows(2, np.random.default_rng(0))
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    flops = bench_training.step_flops(lambda: bench_training.train_step(model, optimizer, collator, rows, "cpu"))
+    after = dict(model.named_parameters())
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    assert all(after[name].dtype == torch.bfloat16 for name in before)
+    # at least the language model's linear layers, forward and backward, over the batch's tokens
+    tokens = collator(rows)["input_ids"].numel()
+    linear = sum(m.weight.numel() for m in model.model.language_model.modules() if isinstance(m, torch.nn.Linear))
+    assert flops >= 2 * 2 * linear * tokens
+    rate = bench_training.utilisation(flops, 0.5, peak=100.0)
+    assert rate["tflops_per_s"] == flops / 0.5 / 1e12 and rate["mfu"] == rate["tflops_per_s"] / 100.0
+    assert bench_training.utilisation(flops, 0.5, peak=None)["mfu"] is None
+    assert bench_training.peak_tflops("cpu", torch.bfloat16, None) is None
+    assert bench_training.peak_tflops("cpu", torch.float32, 3.0) == 3.0
+
+
 def quick_benchmark(script: str, tmp_path) -> dict:
     """The JSON a benchmark script writes from a `--quick` run."""
     import json
