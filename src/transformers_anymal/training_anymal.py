@@ -26,6 +26,8 @@ from .trainer_anymal import AnyMALSFTTrainer
 
 
 logger = logging.get_logger(__name__)
+# the Trainer's samplers that read each row's length, by the dataset they sample (evaluation: group_by_length only)
+LENGTH_SAMPLERS = {"train_dataset": ("group_by_length", "batch_rebalance"), "eval_dataset": ("group_by_length",)}
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into each checkpoint
 OPTIMIZER_STATE = {  # as the Trainer saves it: one file, FSDP's sharded folder, DeepSpeed's global_step folder
     "optimizer state (optimizer.pt)": ("optimizer.pt", "optimizer.bin", "optimizer_*", "global_step*"),
@@ -148,13 +150,9 @@ def sft_trainer(model: nn.Module, peft_config: PeftConfig | None = None, stream_
     """
     args, collator = kwargs.get("args"), kwargs.get("data_collator")
     strategy = getattr(args, "train_sampling_strategy", "random")
-    if strategy in ("group_by_length", "batch_rebalance") and kwargs.get("train_dataset") is not None:
-        kwargs["train_dataset"] = with_sequence_lengths(kwargs["train_dataset"], collator, args.length_column_name)
-    if strategy == "group_by_length" and kwargs.get("eval_dataset") is not None:  # the Trainer's eval sampler too
-        evaluated = kwargs["eval_dataset"]
-        kwargs["eval_dataset"] = ({name: with_sequence_lengths(rows, collator, args.length_column_name)
-                                   for name, rows in evaluated.items()} if isinstance(evaluated, dict)
-                                  else with_sequence_lengths(evaluated, collator, args.length_column_name))
+    for split, samplers in LENGTH_SAMPLERS.items():
+        if strategy in samplers and split in kwargs:
+            kwargs[split] = with_sequence_lengths(kwargs[split], collator, args.length_column_name)
     trainer_class = AnyMALSFTTrainer
     if isinstance(kwargs.get("train_dataset"), IterableDataset):  # TRL turns accelerate's dispatch_batches off
         trainer_class = partial(StreamingSFTTrainer, on_error=stream_errors)
@@ -177,7 +175,10 @@ def with_sequence_lengths(dataset, collator, column: str = "length"):
     without it look for `input_ids`, which chat rows do not have. Batches of rows of like length carry less padding.
     Returned as it is: a dataset that has the column already, has no chats (`messages`, or `prompt` + `completion`),
     is streamed, or goes to a collator that cannot count. A dataset with an indices mapping (after `shuffle`,
-    `select`, `filter`) is written out anew, as `Dataset.add_column` does."""
+    `select`, `filter`) is written out anew, as `Dataset.add_column` does. A dict of datasets (evaluation sets) gets
+    the column in each."""
+    if isinstance(dataset, dict):
+        return {name: with_sequence_lengths(rows, collator, column) for name, rows in dataset.items()}
     if not isinstance(dataset, Dataset) or column in dataset.column_names or not hasattr(collator, "sequence_length"):
         return dataset
     chats = next((names for names in (["messages"], ["prompt", "completion"])
