@@ -23,7 +23,7 @@ def media():
 @pytest.fixture(scope="module")
 def dataset(media):
     return data.build_demo_dataset(media, 0, train_images=50, videos_per_split={"train": 300, "test": 200},
-                              audio_copies=1, imu_copies=1, train_pairs=60, direction_share=2 / 3)
+                                   audio_copies=1, imu_copies=1, train_pairs=60, direction_share=2 / 3)
 
 
 def answer(row: dict) -> str:
